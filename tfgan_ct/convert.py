@@ -1,0 +1,404 @@
+"""`tfgan-ct convert`: DICOM files and folders -> masked TFRecord patch shards.
+
+Pipeline: header pass over every file (parallel) -> group into series ->
+modality per series -> patient-level split -> decode, mask and resize each
+slice (parallel, in a process pool) -> records written in a fixed order, so
+the same inputs and seed always give byte-identical shards.
+
+Everything is written into a hidden staging folder that is renamed to the
+output folder only at the end: an interrupted run leaves nothing that looks
+like a finished dataset.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from tfgan_ct import dicom_io, modality as modality_rules, resize, splits
+from tfgan_ct.config import Config, ConfigError
+from tfgan_ct.fileio import atomic_write_text, staged_directory
+from tfgan_ct.masking import apply_mask, brain_mask
+from tfgan_ct.shards import FORMAT, FORMAT_VERSION, MANIFEST, RecordMeta, ShardWriter, encode
+from tfgan_ct.version import __version__
+
+log = logging.getLogger("tfgan_ct.convert")
+
+CHUNK = 16  # slices per worker task
+
+
+class ConvertError(RuntimeError):
+    """Conversion cannot produce a dataset (nothing usable, output exists, bad settings)."""
+
+
+@dataclass
+class SeriesPlan:
+    """One series to convert: its frames in slice order and where they go."""
+
+    frames: list[dicom_io.Frame]
+    modality: str
+    reason: str
+    split: str
+    patient_hash: str
+    series_hash: str
+
+
+@dataclass
+class SliceResult:
+    """A converted slice: HR HU (int16), LR HU (float32), mask (bool)."""
+
+    slice_index: int
+    hr: np.ndarray
+    lr: np.ndarray
+    mask: np.ndarray
+    pixel_spacing: tuple[float, float]
+
+
+@dataclass
+class Summary:
+    """What a conversion did (also the core of the manifest)."""
+
+    out: Path
+    records: Counter = field(default_factory=Counter)       # (split, modality) -> records
+    slices: Counter = field(default_factory=Counter)        # (split, modality) -> slices
+    skipped: list[dicom_io.Skipped] = field(default_factory=list)
+    empty_slices: int = 0
+    seconds: float = 0.0
+
+
+def check_settings(cfg: Config) -> None:
+    """Reject patch settings that cannot work (before any file is read)."""
+    c = cfg.convert
+    for name in ("patch_size", "patch_stride"):
+        value = getattr(c, name)
+        if value <= 0 or value % c.scale:
+            raise ConfigError(f"convert.{name}={value}: must be a positive multiple of scale {c.scale}")
+    if c.shard_size <= 0:
+        raise ConfigError(f"convert.shard_size={c.shard_size}: must be positive")
+    if not 0 <= c.min_mask_fraction < 1:
+        raise ConfigError(f"convert.min_mask_fraction={c.min_mask_fraction}: must be in [0, 1)")
+
+
+def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality: str = "auto",
+            split_csv: str | Path | None = None, workers: int | None = None,
+            overwrite: bool = False, progress: bool = True) -> Summary:
+    """Convert DICOM `inputs` into a shard dataset at `out`; see the module docstring."""
+    start = time.perf_counter()
+    check_settings(cfg)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConvertError(f"{out} already exists and is not empty (use --overwrite to replace it)")
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    if modality != "auto" and modality not in modality_rules.MODALITIES:
+        raise ConvertError(f"--modality {modality!r}: use auto, ncct, ctp or cta")
+    workers = workers or os.cpu_count() or 1
+    salt = cfg.convert.salt or f"tfgan-ct:{cfg.convert.seed}"
+
+    summary = Summary(out=out)
+    with _pool(workers) as pool:
+        frames, skipped = scan(inputs, pool, progress)
+        frames = dicom_io.merge_duplicates(frames)
+        summary.skipped.extend(skipped)
+        plans = plan_series(frames, cfg, modality, salt, split_csv)
+        if not plans:
+            raise ConvertError(f"no usable CT images found in {', '.join(map(str, inputs))} "
+                               f"({len(skipped)} file(s) skipped)")
+        with staged_directory(out, overwrite=overwrite) as stage:
+            handler = _file_log(stage / "convert.log")
+            try:
+                _log_plans(plans, skipped)
+                shards = write_shards(plans, cfg, stage, pool, summary, progress)
+                if not sum(summary.records.values()):
+                    raise ConvertError("no slice with brain tissue could be converted "
+                                       f"({len(summary.skipped)} file(s) skipped)")
+                summary.seconds = time.perf_counter() - start
+                manifest = build_manifest(plans, shards, summary, cfg, modality, split_csv)
+                atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+                cfg.save(stage / "config.yaml")
+                _log_summary(summary)
+            finally:
+                logging.getLogger("tfgan_ct").removeHandler(handler)
+                handler.close()
+    return summary
+
+
+class _InProcess:
+    """Stand-in for a process pool when `--workers 1` (easier to debug)."""
+
+    def imap(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _pool(workers: int):
+    if workers <= 1:
+        return _InProcess()
+    # spawn: workers must not inherit TensorFlow's threads from the parent.
+    return multiprocessing.get_context("spawn").Pool(workers)
+
+
+def _file_log(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("tfgan_ct").addHandler(handler)
+    return handler
+
+
+def scan(inputs, pool, progress: bool) -> tuple[list[dicom_io.Frame], list[dicom_io.Skipped]]:
+    """Header pass over every input file (in `pool`); logs one line per skipped file."""
+    try:
+        paths = list(dicom_io.iter_files(inputs))
+    except FileNotFoundError as exc:
+        raise ConvertError(str(exc)) from None
+    frames: list[dicom_io.Frame] = []
+    skipped: list[dicom_io.Skipped] = []
+    bar = tqdm(total=len(paths), desc="reading headers", unit="file", disable=not progress)
+    for result in pool.imap(dicom_io.frames_of, paths, chunksize=32):
+        bar.update()
+        if isinstance(result, dicom_io.Skipped):
+            log.warning("skipped %s: %s", dicom_io.relpath(result.path), result.reason)
+            skipped.append(result)
+        else:
+            frames.extend(result)
+    bar.close()
+    return frames, skipped
+
+
+def plan_series(frames: list[dicom_io.Frame], cfg: Config, modality: str, salt: str,
+                split_csv: str | Path | None) -> list[SeriesPlan]:
+    """Group frames into series, order slices, choose modality and split."""
+    groups: dict[tuple[str, str], list[dicom_io.Frame]] = defaultdict(list)
+    for frame in frames:
+        groups[(frame.patient, frame.series)].append(frame)
+    patients = sorted({patient for patient, _ in groups})
+    if split_csv is not None:
+        try:
+            split_of = splits.read_split_csv(split_csv)
+        except ValueError as exc:
+            raise ConvertError(str(exc)) from None
+    else:
+        try:
+            split_of = splits.assign_by_ratio(patients, cfg.convert.split, salt)
+        except ValueError as exc:
+            raise ConfigError(f"convert.split: {exc}") from None
+    plans = []
+    for (patient, series), members in sorted(groups.items(), key=lambda kv: _series_order(kv[0], salt)):
+        patient_hash = splits.salted_hash("patient:" + patient, salt)
+        series_hash = splits.salted_hash("series:" + series, salt)
+        if patient not in split_of:
+            log.warning("series %s (patient %s): patient not in the split CSV; left out",
+                        series_hash, patient_hash)
+            continue
+        if modality == "auto":
+            kind, reason = modality_rules.classify(members, cfg.convert.rules)
+        else:
+            kind, reason = modality, "forced by --modality"
+        members = sorted(members, key=_slice_key(kind))
+        plans.append(SeriesPlan(members, kind, reason, split_of[patient], patient_hash, series_hash))
+    return plans
+
+
+def _series_order(key: tuple[str, str], salt: str) -> str:
+    return splits.salted_hash("order:" + "\0".join(key), salt)
+
+
+def _slice_key(kind: str):
+    if kind == "ctp":
+        return lambda f: (f.time, f.position, f.instance, f.path, f.frame)
+    return lambda f: (f.position, f.instance, f.path, f.frame)
+
+
+def _log_plans(plans: list[SeriesPlan], skipped: list[dicom_io.Skipped]) -> None:
+    for plan in plans:
+        log.info("series %s (patient %s): %s, %d image(s), %s split; %s", plan.series_hash,
+                 plan.patient_hash, plan.modality.upper(), len(plan.frames), plan.split, plan.reason)
+    log.info("%d series of %d patient(s); %d file(s) skipped", len(plans),
+             len({p.patient_hash for p in plans}), len(skipped))
+
+
+@dataclass
+class _Task:
+    """Slices of one series for one worker call."""
+
+    plan_index: int
+    # (slice index, candidate files (first, then duplicates), frame, pixel spacing)
+    items: list[tuple[int, tuple[str, ...], int, tuple[float, float] | None]]
+    modality: str
+    cfg: Config
+
+
+def _tasks(plans: list[SeriesPlan], cfg: Config) -> Iterator[_Task]:
+    for p, plan in enumerate(plans):
+        items = [(i, (f.path, *f.duplicates), f.frame, f.pixel_spacing) for i, f in enumerate(plan.frames)]
+        for start in range(0, len(items), CHUNK):
+            yield _Task(p, items[start:start + CHUNK], plan.modality, cfg)
+
+
+def process_task(task: _Task) -> tuple[int, list[SliceResult], list[dicom_io.Skipped]]:
+    """Worker: decode, mask and resize the slices of one task.
+
+    Files are tried in order (an image stored twice has a second chance);
+    every file that failed, or was not needed, comes back as a Skipped line.
+    """
+    results, skipped = [], []
+    by_files: dict[tuple[str, ...], list] = defaultdict(list)
+    for item in task.items:
+        by_files[item[1]].append(item)
+    for candidates, items in by_files.items():
+        frames = [frame for _, _, frame, _ in items]
+        for n, path in enumerate(candidates):
+            try:
+                images = dicom_io.read_hu(path, frames, task.cfg.convert.out_of_field_hu)
+            except ValueError as exc:
+                skipped.append(dicom_io.Skipped(path, str(exc)))
+                continue
+            skipped.extend(dicom_io.Skipped(other, f"duplicate image (same SOP instance as {path})")
+                           for other in candidates[n + 1:])
+            for (index, _, _, spacing), hu in zip(items, images):
+                results.append(prepare_slice(hu, index, spacing, task.modality, task.cfg))
+            break
+    results.sort(key=lambda r: r.slice_index)
+    return task.plan_index, results, skipped
+
+
+def prepare_slice(hu: np.ndarray, index: int, spacing, modality: str, cfg: Config) -> SliceResult:
+    """Mask one HU slice, crop it to a multiple of the scale, and make its LR.
+
+    hu: float32 HU (H, W). HR: int16 HU with the window floor outside the mask;
+    LR: MATLAB-style bicubic 1/scale of that HR (float32 HU).
+    """
+    settings = cfg.modalities.get(modality)
+    s = cfg.convert.scale
+    hu = hu[: hu.shape[0] - hu.shape[0] % s, : hu.shape[1] - hu.shape[1] % s]
+    mask = brain_mask(hu, settings.mask_hu, cfg.convert.mask)
+    masked = apply_mask(hu, mask, settings.window.floor)
+    hr = np.clip(np.rint(masked), -32768, 32767).astype(np.int16)
+    lr = resize.downscale(hr.astype(np.float64), s).astype(np.float32)
+    return SliceResult(index, hr, lr, mask, tuple(spacing) if spacing else (0.0, 0.0))
+
+
+def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summary: Summary,
+                 progress: bool) -> dict[str, list[dict]]:
+    """Run the slice tasks in `pool` and write their records, in order, to per-split shards."""
+    import tensorflow  # noqa: F401 - load it now rather than under the progress bar
+
+    writers: dict[tuple[str, str], ShardWriter] = {}
+    total = sum(len(p.frames) for p in plans)
+    reported: set[str] = set()
+    bar = tqdm(total=total, desc="converting", unit="slice", disable=not progress)
+    for plan_index, results, skipped in pool.imap(process_task, _tasks(plans, cfg)):
+        plan = plans[plan_index]
+        for item in skipped:
+            if item.path not in reported:  # a multi-frame file can span several tasks
+                reported.add(item.path)
+                log.warning("skipped %s: %s", dicom_io.relpath(item.path), item.reason)
+                summary.skipped.append(item)
+        key = (plan.split, plan.modality)
+        if key not in writers:
+            writers[key] = ShardWriter(stage, plan.split, plan.modality, cfg.convert.shard_size)
+        for result in results:
+            _write_slice(result, plan, cfg, writers[key], summary)
+        bar.update(len(results))
+    bar.close()
+    shards: dict[str, list[dict]] = {split: [] for split in splits.SPLITS}
+    for (split, _), writer in sorted(writers.items()):
+        shards[split].extend(writer.close())
+    return shards
+
+
+def _write_slice(result: SliceResult, plan: SeriesPlan, cfg: Config, writer: ShardWriter,
+                 summary: Summary) -> None:
+    """Write one slice: patches for train, the whole slice for validation/test."""
+    if not result.mask.any():
+        summary.empty_slices += 1
+        return
+    key = (plan.split, plan.modality)
+    summary.slices[key] += 1
+    meta = RecordMeta(plan.modality, plan.split, plan.patient_hash, plan.series_hash,
+                      result.slice_index, pixel_spacing=result.pixel_spacing)
+    s = cfg.convert.scale
+    if plan.split != "train":
+        writer.write(encode(result.hr, result.lr, result.mask, meta, s))
+        summary.records[key] += 1
+        return
+    size, stride = cfg.convert.patch_size, cfg.convert.patch_stride
+    height, width = result.hr.shape
+    for y in range(0, height - size + 1, stride):
+        for x in range(0, width - size + 1, stride):
+            mask = result.mask[y:y + size, x:x + size]
+            if mask.mean() <= cfg.convert.min_mask_fraction:
+                continue
+            patch_meta = RecordMeta(**{**meta.__dict__, "patch_y": y, "patch_x": x})
+            lr = result.lr[y // s:(y + size) // s, x // s:(x + size) // s]
+            writer.write(encode(result.hr[y:y + size, x:x + size], lr, mask, patch_meta, s))
+            summary.records[key] += 1
+
+
+def build_manifest(plans: list[SeriesPlan], shards: dict[str, list[dict]], summary: Summary,
+                   cfg: Config, modality: str, split_csv) -> dict:
+    """The dataset's manifest.json (deterministic: no times, no paths, no identifiers)."""
+    counts: dict = {}
+    for split in splits.SPLITS:
+        split_plans = [p for p in plans if p.split == split]
+        counts[split] = {
+            "records": sum(n for (s, _), n in summary.records.items() if s == split),
+            "slices": sum(n for (s, _), n in summary.slices.items() if s == split),
+            "patients": len({p.patient_hash for p in split_plans}),
+            "series": len(split_plans),
+            "by_modality": {m: {"records": summary.records[(split, m)], "slices": summary.slices[(split, m)]}
+                            for m in modality_rules.MODALITIES if summary.slices[(split, m)]},
+        }
+    reasons = Counter(_reason_class(s.reason) for s in summary.skipped)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tfgan_ct_version": __version__,
+        "scale": cfg.convert.scale,
+        "patch_size": cfg.convert.patch_size,
+        "patch_stride": cfg.convert.patch_stride,
+        "counts": counts,
+        "shards": shards,
+        "series": [{"series": p.series_hash, "patient": p.patient_hash, "modality": p.modality,
+                    "modality_reason": p.reason, "split": p.split, "images": len(p.frames)}
+                   for p in plans],
+        "skipped": {"files": len(summary.skipped), "by_reason": dict(sorted(reasons.items()))},
+        "slices_without_brain": summary.empty_slices,
+        "windows": {m: {"center": cfg.modalities.get(m).window.center,
+                        "width": cfg.modalities.get(m).window.width}
+                    for m in (*modality_rules.MODALITIES, "natural")},
+        "settings": {"modality": modality, "split": "csv" if split_csv else cfg.convert.split,
+                     "seed": cfg.convert.seed, "salt": "custom" if cfg.convert.salt else "from seed",
+                     "convert": {k: v for k, v in cfg.to_dict()["convert"].items() if k != "salt"}},
+    }
+
+
+def _reason_class(reason: str) -> str:
+    """The reason without its file-specific details, for counting."""
+    return reason.split(" (")[0]
+
+
+def _log_summary(summary: Summary) -> None:
+    n_slices = sum(summary.slices.values())
+    for (split, kind), n in sorted(summary.records.items()):
+        log.info("%s %s: %d record(s) from %d slice(s)", split, kind.upper(), n, summary.slices[(split, kind)])
+    if summary.empty_slices:
+        log.info("%d slice(s) without brain tissue were left out", summary.empty_slices)
+    log.info("%d slice(s) in %.1f s (%.0f slices/s); %d file(s) skipped", n_slices, summary.seconds,
+             n_slices / max(summary.seconds, 1e-9), len(summary.skipped))

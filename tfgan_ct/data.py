@@ -1,0 +1,168 @@
+"""Input pipeline: TFRecord shards -> `tf.data` batches of windowed LR/HR pairs.
+
+Training batches (`train_dataset`): dict with
+    lr: float32 [batch, p/4, p/4, 1] in [0, 1]
+    hr: float32 [batch, p, p, 1] in [0, 1]
+randomly flipped / rotated by 90 degrees (the same transform for LR and HR),
+shuffled, repeated forever. Records are parsed a whole batch at a time, which
+is several times faster than parsing them one by one.
+
+Evaluation slices (`eval_dataset`): one whole slice per element, with its
+mask and the record's pseudonymous identifiers for per-slice reports.
+
+Under `tf.distribute`, pass the `tf.distribute.InputContext` (from
+`strategy.distribute_datasets_from_function`): each input pipeline then reads
+its own subset of shard files and batches `global_batch / replicas`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfgan_ct.config import Config, Window
+from tfgan_ct.shards import FORMAT, MANIFEST
+
+log = logging.getLogger("tfgan_ct.data")
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class DataError(RuntimeError):
+    """A dataset folder that cannot be read (no manifest, no shards for a split)."""
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    """The dataset's manifest.json, checked to be one of ours."""
+    path = Path(data_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{data_dir}: no {MANIFEST}; make the dataset with `tfgan-ct convert`") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: not a tfgan-ct dataset manifest")
+    return manifest
+
+
+def shard_files(data_dir: str | Path, split: str, modality: str) -> list[str]:
+    """Paths of the shards of `split` holding `modality`, checked to exist."""
+    manifest = load_manifest(data_dir)
+    files = [str(Path(data_dir) / s["file"]) for s in manifest["shards"].get(split, [])
+             if s["modality"] == modality]
+    if not files:
+        have = sorted({s["modality"] for s in manifest["shards"].get(split, [])})
+        raise DataError(f"{data_dir}: no {split} shards of modality {modality!r} "
+                        f"(this dataset has: {', '.join(have) or 'none'})")
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: shard listed in the manifest is missing")
+    return files
+
+
+def to_unit(hu: tf.Tensor, window: Window) -> tf.Tensor:
+    """HU -> [0, 1]: clip((HU - (center - width/2)) / width, 0, 1), float32."""
+    x = (tf.cast(hu, tf.float32) - window.floor) * (1.0 / window.width)
+    return tf.clip_by_value(x, 0.0, 1.0)
+
+
+def to_hu(unit: tf.Tensor, window: Window) -> tf.Tensor:
+    """[0, 1] -> HU (inverse of `to_unit` inside the window)."""
+    return tf.cast(unit, tf.float32) * window.width + window.floor
+
+
+def augment(lr: tf.Tensor, hr: tf.Tensor, seed: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random dihedral transform per example (flips and transposition = the 8 rotations/flips).
+
+    lr: [b, h, w, c], hr: [b, 4h, 4w, c], square patches. The same transform
+    is applied to the LR and HR of an example.
+    """
+    batch = tf.shape(hr)[0]
+    coins = tf.random.uniform([3, batch], seed=seed) < 0.5
+
+    def pick(coin, fn, x):
+        return tf.where(coin[:, None, None, None], fn(x), x)
+
+    for coin, fn in ((coins[0], lambda x: tf.reverse(x, [2])),      # left-right
+                     (coins[1], lambda x: tf.reverse(x, [1])),      # up-down
+                     (coins[2], lambda x: tf.transpose(x, [0, 2, 1, 3]))):  # 90 deg with a flip
+        lr, hr = pick(coin, fn, lr), pick(coin, fn, hr)
+    return lr, hr
+
+
+def train_dataset(data_dir: str | Path, modality: str, cfg: Config,
+                  input_context: tf.distribute.InputContext | None = None,
+                  seed: int | None = None) -> tf.data.Dataset:
+    """Endless shuffled, augmented training batches of `modality` (see the module docstring)."""
+    manifest = load_manifest(data_dir)
+    files = shard_files(data_dir, "train", modality)
+    patch, scale = manifest["patch_size"], manifest["scale"]
+    window = cfg.modalities.get(modality).window
+    batch = cfg.data.batch_size
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if input_context is not None:
+        batch = input_context.get_per_replica_batch_size(batch)
+        if len(files) >= input_context.num_input_pipelines:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        else:
+            log.warning("%d shard file(s) for %d input pipelines: sharding by record instead",
+                        len(files), input_context.num_input_pipelines)
+    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cfg.data.cycle_length, len(files)),
+                       num_parallel_calls=AUTOTUNE, deterministic=seed is not None)
+    if input_context is not None and len(files) < input_context.num_input_pipelines:
+        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed)
+    ds = ds.batch(batch, drop_remainder=True)
+
+    def parse(records):
+        parsed = tf.io.parse_example(records, {"hr": tf.io.FixedLenFeature([], tf.string),
+                                               "lr": tf.io.FixedLenFeature([], tf.string)})
+        hr = tf.reshape(tf.io.decode_raw(parsed["hr"], tf.int16), [-1, patch, patch, 1])
+        lr = tf.reshape(tf.io.decode_raw(parsed["lr"], tf.float32),
+                        [-1, patch // scale, patch // scale, 1])
+        if cfg.data.augment:
+            lr, hr = augment(lr, hr, seed)
+        return {"lr": to_unit(lr, window), "hr": to_unit(hr, window)}
+
+    ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=seed is not None)
+    options = tf.data.Options()
+    if input_context is not None:
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    else:
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.FILE
+    return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+EVAL_FEATURES = {
+    "hr": tf.io.FixedLenFeature([], tf.string), "lr": tf.io.FixedLenFeature([], tf.string),
+    "mask": tf.io.FixedLenFeature([], tf.string),
+    "height": tf.io.FixedLenFeature([], tf.int64), "width": tf.io.FixedLenFeature([], tf.int64),
+    "scale": tf.io.FixedLenFeature([], tf.int64),
+    "patient": tf.io.FixedLenFeature([], tf.string), "series": tf.io.FixedLenFeature([], tf.string),
+    "slice_index": tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+def eval_dataset(data_dir: str | Path, split: str, modality: str, cfg: Config) -> tf.data.Dataset:
+    """Whole slices of `split` ('validation' or 'test') in file order, one per element.
+
+    Elements: lr [h, w, 1] and hr [4h, 4w, 1] in [0, 1], mask [4h, 4w, 1] bool,
+    patient / series (pseudonymous hashes), slice_index.
+    """
+    window = cfg.modalities.get(modality).window
+    files = shard_files(data_dir, split, modality)
+
+    def parse(record):
+        ex = tf.io.parse_single_example(record, EVAL_FEATURES)
+        h, w, s = ex["height"], ex["width"], ex["scale"]
+        hr = tf.reshape(tf.io.decode_raw(ex["hr"], tf.int16), tf.stack([h, w, 1]))
+        lr = tf.reshape(tf.io.decode_raw(ex["lr"], tf.float32), tf.stack([h // s, w // s, 1]))
+        mask = tf.reshape(tf.io.decode_raw(ex["mask"], tf.uint8), tf.stack([h, w, 1])) > 0
+        return {"lr": to_unit(lr, window), "hr": to_unit(hr, window), "mask": mask,
+                "patient": ex["patient"], "series": ex["series"], "slice_index": ex["slice_index"]}
+
+    return tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)

@@ -1,0 +1,355 @@
+"""Reading CT DICOM: find files, read headers, group series, decode slices to HU.
+
+Two passes keep conversion fast and robust:
+
+1. `scan()` reads headers only (no pixel data) of every file under the inputs,
+   including the files a DICOMDIR references, and returns one `Frame` per
+   image (a multi-frame enhanced CT file gives one per frame) plus a
+   `Skipped` line for every file that is not usable CT.
+2. `read_hu()` decodes one frame to HU (float32, H x W) in a worker process,
+   applying RescaleSlope/Intercept (per frame for enhanced CT) and marking
+   padding / out-of-field pixels as air.
+
+Identifying values (patient ID, UIDs) stay in memory for grouping; only
+salted hashes of them are ever written out.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+AIR_HU = -1000.0
+
+# Real archives are full of slightly invalid values (a hash in a UID field, a
+# number with a trailing space); read them as they are instead of warning.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+# SOP classes whose frames are CT images (plain and enhanced/legacy-converted).
+CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2",      # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1",    # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2",    # Legacy Converted Enhanced CT Image Storage
+}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was not used, and why (one line in the log)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Frame:
+    """One CT image (a file, or one frame of a multi-frame file), header only.
+
+    `position` is the slice position in mm along the slice normal; `time` orders
+    repeated acquisitions (CTP). Text fields are upper-cased for rule matching.
+    """
+
+    path: str
+    frame: int                      # frame index inside the file (0 for single-frame)
+    instance_uid: str               # SOP Instance UID, to spot one image stored twice
+    patient: str                    # patient identity for grouping (never written out)
+    series: str                     # series identity for grouping (never written out)
+    position: float
+    time: float
+    instance: int
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    description: str                # series + study description + protocol name
+    contrast_agent: str
+    duplicates: list[str] = field(default_factory=list)  # other files holding the same image
+
+
+def iter_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
+    """Every file under `inputs` (files, folders; DICOMDIRs expanded), sorted, each once."""
+    seen: set[Path] = set()
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            candidates = sorted(p for p in item.rglob("*") if p.is_file())
+        elif item.exists():
+            candidates = [item]
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+        for path in candidates:
+            if path.name.upper() == "DICOMDIR":
+                candidates_from_dir = _dicomdir_files(path)
+                for ref in candidates_from_dir:
+                    if ref.resolve() not in seen:
+                        seen.add(ref.resolve())
+                        yield ref
+                continue
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                yield path
+
+
+def _dicomdir_files(path: Path) -> list[Path]:
+    """Files referenced by a DICOMDIR (missing references are left out)."""
+    try:
+        fileset = pydicom.fileset.FileSet(pydicom.dcmread(path))
+    except Exception:  # noqa: BLE001 - a broken DICOMDIR is reported by the caller as a skipped file
+        return []
+    return sorted(Path(inst.path) for inst in fileset if Path(inst.path).is_file())
+
+
+def read_dataset(path: str | Path, pixels: bool) -> pydicom.Dataset:
+    """Read a DICOM file, also legacy files without preamble/meta (force), or raise ValueError."""
+    with warnings.catch_warnings():
+        # pydicom warns about every odd value; the files are judged by what can be used.
+        warnings.simplefilter("ignore")
+        return _read_dataset(path, pixels)
+
+
+def _read_dataset(path: str | Path, pixels: bool) -> pydicom.Dataset:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except InvalidDicomError:
+        ds = _read_forced(path, pixels)
+    except (EOFError, OSError) as exc:
+        raise ValueError(f"unreadable ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
+        raise ValueError(f"corrupt header ({type(exc).__name__}: {exc})") from None
+    return ds
+
+
+def _read_forced(path: str | Path, pixels: bool) -> pydicom.Dataset:
+    """Read a headerless (pre-DICOM-3) file; accept it only if it looks like an image."""
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=not pixels)
+    except Exception:  # noqa: BLE001
+        raise ValueError("not a DICOM file") from None
+    if "Rows" not in ds or "Columns" not in ds:
+        raise ValueError("not a DICOM file (no DICOM header and no image attributes)")
+    # Pre-DICOM-3 (ACR-NEMA) files often leave out what is implied for grey images.
+    if "SamplesPerPixel" not in ds:
+        ds.SamplesPerPixel = 1
+    if "PhotometricInterpretation" not in ds and int(ds.SamplesPerPixel) == 1:
+        ds.PhotometricInterpretation = "MONOCHROME2"
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else
+            ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    return ds
+
+
+def frames_of(path: Path) -> list[Frame] | Skipped:
+    """Header-only read of one file: its CT frames, or why it is skipped."""
+    path = Path(path)
+    try:
+        ds = read_dataset(path, pixels=False)
+    except ValueError as exc:
+        return Skipped(str(path), str(exc))
+    modality = str(ds.get("Modality", "")).upper()
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if modality != "CT" and sop_class not in CT_SOP_CLASSES:
+        return Skipped(str(path), f"not CT (Modality {modality or 'missing'})")
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        # stop_before_pixels hides the element; look for it in the raw file.
+        if not _has_pixel_data(path):
+            return Skipped(str(path), "no pixel data")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        return Skipped(str(path), f"not a grey-scale image (SamplesPerPixel {ds.SamplesPerPixel})")
+    try:
+        return _frames_from_header(path, ds)
+    except (ValueError, TypeError, AttributeError, IndexError) as exc:
+        return Skipped(str(path), f"unusable header ({exc})")
+
+
+def _has_pixel_data(path: Path) -> bool:
+    try:
+        ds = read_dataset(path, pixels=True)
+    except ValueError:
+        return False
+    return "PixelData" in ds
+
+
+def _frames_from_header(path: Path, ds: pydicom.Dataset) -> list[Frame]:
+    """One Frame per image in `ds` (per-frame positions for enhanced CT)."""
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    orientation = _orientation(ds, shared)
+    normal = np.cross(orientation[:3], orientation[3:])
+    patient = str(ds.get("PatientID", "") or "") or str(ds.get("PatientName", "") or "") \
+        or str(ds.get("StudyInstanceUID", "") or "") or f"folder:{path.parent}"
+    series = str(ds.get("SeriesInstanceUID", "") or "") or f"folder:{path.parent}"
+    description = " ".join(str(ds.get(k, "") or "") for k in
+                           ("SeriesDescription", "StudyDescription", "ProtocolName")).upper()
+    frames = []
+    for i in range(n_frames):
+        group = per_frame[i] if per_frame is not None and i < len(per_frame) else None
+        position = _position(ds, group, shared)
+        frames.append(Frame(
+            path=str(path), frame=i, instance_uid=str(ds.get("SOPInstanceUID", "") or path),
+            patient=patient, series=series,
+            position=float(np.dot(position, normal)) if position is not None else float(i),
+            time=_time(ds, group, i),
+            instance=int(ds.get("InstanceNumber", 0) or 0),
+            rows=int(ds.Rows), columns=int(ds.Columns),
+            pixel_spacing=_pixel_spacing(ds, group, shared),
+            slice_thickness=_float(_lookup(ds, group, shared, "PixelMeasuresSequence", "SliceThickness")),
+            description=description,
+            contrast_agent=str(ds.get("ContrastBolusAgent", "") or "").strip().upper(),
+        ))
+    return frames
+
+
+def _first(ds, keyword):
+    seq = ds.get(keyword)
+    return seq[0] if seq else None
+
+
+def _lookup(ds, group, shared, sequence: str, keyword: str):
+    """Value of `keyword` from the per-frame group, the shared group, or the top level."""
+    for source in (group, shared):
+        if source is not None and sequence in source and source[sequence].value:
+            item = source[sequence].value[0]
+            if keyword in item:
+                return item[keyword].value
+    return ds.get(keyword)
+
+
+def _orientation(ds, shared) -> np.ndarray:
+    value = _lookup(ds, None, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+    if value is None or len(value) != 6:
+        return np.array([1.0, 0, 0, 0, 1.0, 0])
+    return np.array([float(v) for v in value])
+
+
+def _position(ds, group, shared) -> np.ndarray | None:
+    value = _lookup(ds, group, shared, "PlanePositionSequence", "ImagePositionPatient")
+    if value is None or len(value) != 3:
+        location = ds.get("SliceLocation")
+        return None if location is None else np.array([0.0, 0.0, float(location)])
+    return np.array([float(v) for v in value])
+
+
+def _time(ds, group, index: int) -> float:
+    """Order of the acquisition in time: temporal index, acquisition number, or clock time."""
+    if group is not None and "FrameContentSequence" in group:
+        item = group.FrameContentSequence[0]
+        if "TemporalPositionIndex" in item:
+            return float(item.TemporalPositionIndex)
+    for keyword in ("TemporalPositionIndex", "TemporalPositionIdentifier"):
+        if ds.get(keyword) is not None:
+            return float(ds.get(keyword))
+    for keyword in ("AcquisitionTime", "ContentTime"):
+        value = str(ds.get(keyword, "") or "")
+        if value:
+            return _seconds(value)
+    return float(ds.get("AcquisitionNumber", 0) or 0)
+
+
+def _seconds(tm: str) -> float:
+    """DICOM TM 'HHMMSS.FFFFFF' as seconds since midnight."""
+    tm = tm.replace(":", "")
+    hours, minutes = int(tm[0:2] or 0), int(tm[2:4] or 0)
+    seconds = float(tm[4:] or 0)
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def _pixel_spacing(ds, group, shared) -> tuple[float, float] | None:
+    value = _lookup(ds, group, shared, "PixelMeasuresSequence", "PixelSpacing")
+    if value is None or len(value) != 2:
+        return None
+    return float(value[0]), float(value[1])
+
+
+def _float(value) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_hu(path: str, frames: list[int], out_of_field_hu: float) -> list[np.ndarray]:
+    """Decode frames of one file to HU (float32, rows x columns each).
+
+    Padding (PixelPaddingValue) and out-of-field values (at or below
+    `out_of_field_hu` after rescaling) become air (-1000 HU).
+    Raises ValueError with a readable reason when the pixels cannot be decoded.
+    """
+    ds = read_dataset(path, pixels=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types
+        raise ValueError(_decode_reason(ds, exc)) from None
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    stack = pixels if n_frames > 1 else pixels[None]
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    padding = ds.get("PixelPaddingValue")
+    out = []
+    for i in frames:
+        group = per_frame[i] if per_frame is not None and i < len(per_frame) else None
+        slope = _float(_lookup(ds, group, shared, "PixelValueTransformationSequence", "RescaleSlope"))
+        intercept = _float(_lookup(ds, group, shared, "PixelValueTransformationSequence",
+                                   "RescaleIntercept"))
+        stored = stack[i]
+        hu = stored.astype(np.float32) * np.float32(1.0 if slope is None else slope)
+        hu += np.float32(0.0 if intercept is None else intercept)
+        outside = hu <= out_of_field_hu
+        if padding is not None:
+            outside |= stored == _as_stored(padding, stored.dtype)
+        hu[outside] = AIR_HU
+        out.append(hu)
+    return out
+
+
+def _as_stored(value, dtype) -> int:
+    """PixelPaddingValue as the stored pixel type (it is written with the pixel VR)."""
+    if isinstance(value, bytes):
+        value = int.from_bytes(value[:2], "little", signed=np.dtype(dtype).kind == "i")
+    return np.array(int(value)).astype(dtype)
+
+
+def _decode_reason(ds: pydicom.Dataset, exc: Exception) -> str:
+    """A short explanation of why pixel data could not be decoded."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    text = str(exc).split("\n")[0]
+    if "less than expected" in text or "truncated" in text.lower():
+        return f"pixel data truncated ({text.split(' - ')[0]})"
+    if syntax is not None and syntax.is_compressed:
+        return f"cannot decode {syntax.name} pixel data ({text[:160]})"
+    return f"pixel data unreadable ({text[:160]})"
+
+
+def merge_duplicates(frames: list[Frame]) -> list[Frame]:
+    """One Frame per image: files holding the same SOP instance (e.g. the same slice
+    stored uncompressed and as JPEG 2000) become `duplicates` of the first one,
+    tried in turn when the first cannot be decoded."""
+    first: dict[tuple[str, int], Frame] = {}
+    for frame in sorted(frames, key=lambda f: (f.path, f.frame)):
+        key = (frame.instance_uid, frame.frame)
+        if key in first:
+            if frame.path not in first[key].duplicates:
+                first[key].duplicates.append(frame.path)
+        else:
+            first[key] = frame
+    return list(first.values())
+
+
+def relpath(path: str) -> str:
+    """Path relative to the working folder when shorter (for log lines)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return rel if len(rel) < len(path) else path

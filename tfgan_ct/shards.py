@@ -1,0 +1,156 @@
+"""TFRecord shards of `tf.train.Example` records, and the dataset manifest.
+
+One record is a training patch or a whole validation/test slice:
+
+| feature      | type          | content                                             |
+|--------------|---------------|-----------------------------------------------------|
+| hr           | bytes         | int16 little-endian HU, height x width              |
+| lr           | bytes         | float32 little-endian HU, (height/scale) x (width/scale), |
+|              |               | the MATLAB-style bicubic of the *whole* masked slice |
+| mask         | bytes         | uint8 0/1 brain mask, height x width                |
+| height/width | int64         | HR size in pixels                                   |
+| scale        | int64         | 4                                                   |
+| modality     | bytes         | ncct, ctp, cta or natural                           |
+| split        | bytes         | train, validation or test                           |
+| patient      | bytes         | salted hash of the patient (never the ID itself)    |
+| series       | bytes         | salted hash of the series                           |
+| slice_index  | int64         | position of the slice in its series                 |
+| patch_y/x    | int64         | top-left HR pixel of the patch (0, 0 for slices)    |
+| pixel_spacing| float x 2     | HR pixel spacing in mm (row, column); 0 if unknown  |
+
+Pixels outside the brain mask hold the modality window's floor.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "tfgan-ct-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class RecordMeta:
+    """Non-pixel fields of one record."""
+
+    modality: str
+    split: str
+    patient: str
+    series: str
+    slice_index: int
+    patch_y: int = 0
+    patch_x: int = 0
+    pixel_spacing: tuple[float, float] = (0.0, 0.0)
+
+
+def encode(hr: np.ndarray, lr: np.ndarray, mask: np.ndarray, meta: RecordMeta, scale: int) -> bytes:
+    """Serialise one record. hr: int16 HU (H, W); lr: float32 HU (H/scale, W/scale); mask: bool (H, W)."""
+    import tensorflow as tf
+
+    if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
+        raise ValueError(f"LR shape {lr.shape} is not HR shape {hr.shape} / {scale}")
+
+    def b(value: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def i(value: int) -> tf.train.Feature:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+    feature = {
+        "hr": b(np.ascontiguousarray(hr, dtype="<i2").tobytes()),
+        "lr": b(np.ascontiguousarray(lr, dtype="<f4").tobytes()),
+        "mask": b(np.ascontiguousarray(mask, dtype=np.uint8).tobytes()),
+        "height": i(hr.shape[0]), "width": i(hr.shape[1]), "scale": i(scale),
+        "modality": b(meta.modality.encode()), "split": b(meta.split.encode()),
+        "patient": b(meta.patient.encode()), "series": b(meta.series.encode()),
+        "slice_index": i(meta.slice_index), "patch_y": i(meta.patch_y), "patch_x": i(meta.patch_x),
+        "pixel_spacing": tf.train.Feature(float_list=tf.train.FloatList(value=list(meta.pixel_spacing))),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def decode_numpy(record: bytes) -> dict:
+    """Parse one serialised record into numpy arrays and Python values (tests, tools)."""
+    import tensorflow as tf
+
+    ex = tf.train.Example.FromString(record).features.feature
+    h, w, s = (ex[k].int64_list.value[0] for k in ("height", "width", "scale"))
+    out = {
+        "hr": np.frombuffer(ex["hr"].bytes_list.value[0], "<i2").reshape(h, w),
+        "lr": np.frombuffer(ex["lr"].bytes_list.value[0], "<f4").reshape(h // s, w // s),
+        "mask": np.frombuffer(ex["mask"].bytes_list.value[0], np.uint8).reshape(h, w).astype(bool),
+        "pixel_spacing": tuple(ex["pixel_spacing"].float_list.value),
+    }
+    for key in ("modality", "split", "patient", "series"):
+        out[key] = ex[key].bytes_list.value[0].decode()
+    for key in ("height", "width", "scale", "slice_index", "patch_y", "patch_x"):
+        out[key] = int(ex[key].int64_list.value[0])
+    return out
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """All records of one shard, decoded with `decode_numpy`."""
+    import tensorflow as tf
+
+    return [decode_numpy(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
+
+
+class ShardWriter:
+    """Writes records of one split and modality into `<split>-<modality>-NNNNN.tfrecord`
+    files of `shard_size` records (one modality per file, so a training stage
+    picks its files without reading the others).
+
+    Each shard is written under a temporary name and renamed when full or on
+    `close()`, so a shard file under its final name is always complete.
+    """
+
+    def __init__(self, folder: Path, split: str, modality: str, shard_size: int):
+        self.folder, self.split, self.modality = Path(folder), split, modality
+        self.shard_size = shard_size
+        self.shards: list[dict] = []
+        self._writer = None
+        self._count = 0
+
+    def write(self, record: bytes) -> None:
+        """Append one serialised record, starting a new shard when the current one is full."""
+        import tensorflow as tf
+
+        if self._writer is None:
+            self._tmp = self.folder / f".{self._name()}.tmp"
+            self._writer = tf.io.TFRecordWriter(str(self._tmp))
+            self._count = 0
+        self._writer.write(record)
+        self._count += 1
+        if self._count >= self.shard_size:
+            self._finish()
+
+    def close(self) -> list[dict]:
+        """Finish the open shard; returns [{'file', 'modality', 'records', 'sha256'}, ...]."""
+        if self._writer is not None:
+            self._finish()
+        return self.shards
+
+    def _name(self) -> str:
+        return f"{self.split}-{self.modality}-{len(self.shards):05d}.tfrecord"
+
+    def _finish(self) -> None:
+        self._writer.close()
+        self._writer = None
+        final = self.folder / self._name()
+        os.replace(self._tmp, final)
+        self.shards.append({"file": final.name, "modality": self.modality, "records": self._count,
+                            "sha256": file_sha256(final)})
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
