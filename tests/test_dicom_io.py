@@ -1,0 +1,93 @@
+"""Reading real CT files in every encoding the samples hold, and refusing broken ones clearly."""
+import numpy as np
+import pydicom
+import pytest
+
+from tfgan_ct import dicom_io
+
+
+@pytest.mark.parametrize("name", [
+    "head-ncct/pydicom-data_693_UNCR.dcm",
+    "head-ncct/pydicom-data_693_J2KR.dcm",              # JPEG 2000 lossless
+    "head-ncct/DICOMSamples_CT_Explicit_Little.dcm",    # signed pixels
+    "cta/dwv_osirix-goudurix.dcm",                      # implicit VR, unsigned
+    "cta/dwv_osirix-toutatix-100.dcm",                  # lossy JPEG 2000
+    "encodings/dwv_nema-ct1_jpll.dcm",                  # JPEG Lossless process 14
+    "encodings/DICOMSamples_CT_JPEG70.dcm",
+    "encodings/pydicom-data_bad_sequence_jpeg_lossless.dcm",
+    "legacy/DICOMSamples_CT_Implicit_Little_Headless_Retired.dcm",  # no preamble, no meta
+])
+def test_decodes_to_plausible_hu(shared_data, name):
+    path = shared_data / "dicom" / name
+    frames = dicom_io.frames_of(path)
+    assert isinstance(frames, list) and len(frames) == 1, frames
+    hu = dicom_io.read_hu(str(path), [0], -1500)[0]
+    assert hu.dtype == np.float32 and hu.shape == (frames[0].rows, frames[0].columns)
+    assert -1100 <= hu.min() < -100 < hu.max() <= 4000
+
+
+def test_rescale_and_padding_match_pydicom(shared_data):
+    path = shared_data / "dicom/head-ncct/pydicom-data_693_UNCR.dcm"
+    ds = pydicom.dcmread(path)
+    stored = ds.pixel_array
+    expected = stored * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    hu = dicom_io.read_hu(str(path), [0], -1500)[0]
+    padded = stored == ds.PixelPaddingValue
+    assert padded.any()
+    assert np.all(hu[padded] == dicom_io.AIR_HU)
+    np.testing.assert_array_equal(hu[~padded], expected[~padded])
+
+
+def test_multiframe_enhanced_ct(shared_data):
+    path = shared_data / "dicom/encodings/pydicom-data_eCT_Supplemental.dcm"
+    frames = dicom_io.frames_of(path)
+    assert [f.frame for f in frames] == [0, 1]
+    assert frames[0].pixel_spacing == (0.388672, 0.388672)
+    hus = dicom_io.read_hu(str(path), [0, 1], -1500)
+    stored = pydicom.dcmread(path).pixel_array
+    np.testing.assert_array_equal(hus[1], stored[1].astype(np.float32) - 1024)  # per-frame intercept
+
+
+def test_same_image_twice_is_merged(shared_data):
+    a = dicom_io.frames_of(shared_data / "dicom/head-ncct/pydicom-data_693_J2KR.dcm")
+    b = dicom_io.frames_of(shared_data / "dicom/head-ncct/pydicom-data_693_UNCR.dcm")
+    merged = dicom_io.merge_duplicates(a + b)
+    assert len(merged) == 1 and merged[0].duplicates == [b[0].path]
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("bad/not_dicom.dcm", "not a DICOM file"),
+])
+def test_header_pass_rejects(shared_data, name, reason):
+    result = dicom_io.frames_of(shared_data / "dicom" / name)
+    assert isinstance(result, dicom_io.Skipped) and result.reason.startswith(reason)
+
+
+@pytest.mark.parametrize("name", ["bad/truncated_header.dcm", "bad/truncated_pixeldata.dcm"])
+def test_truncated_pixels_raise_readable_error(shared_data, name):
+    with pytest.raises(ValueError, match="pixel data truncated"):
+        dicom_io.read_hu(str(shared_data / "dicom" / name), [0], -1500)
+
+
+def test_non_ct_and_pixelless(tmp_path, shared_data):
+    ds = pydicom.dcmread(shared_data / "dicom/head-ncct/pydicom-data_693_UNCR.dcm")
+    ds.Modality = "MR"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.save_as(tmp_path / "mr.dcm")
+    assert dicom_io.frames_of(tmp_path / "mr.dcm").reason == "not CT (Modality MR)"
+    ds = pydicom.dcmread(shared_data / "dicom/head-ncct/pydicom-data_693_UNCR.dcm")
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopix.dcm")
+    assert dicom_io.frames_of(tmp_path / "nopix.dcm").reason == "no pixel data"
+
+
+def test_dicomdir_is_followed(tmp_path, shared_data):
+    from pydicom.fileset import FileSet
+
+    fs = FileSet()
+    for name in ("dcmqi_ct-3slice_01.dcm", "dcmqi_ct-3slice_02.dcm"):
+        fs.add(pydicom.dcmread(shared_data / "dicom/chest-series" / name))
+    fs.write(tmp_path / "media")
+    files = list(dicom_io.iter_files([tmp_path / "media"]))
+    assert len(files) == 2 and all(f.name != "DICOMDIR" for f in files)
+    assert all(isinstance(dicom_io.frames_of(f), list) for f in files)

@@ -1,0 +1,55 @@
+import numpy as np
+
+from tfgan_ct import dicom_io
+from tfgan_ct.config import MaskSettings
+from tfgan_ct.masking import apply_mask, brain_mask, largest_component
+
+
+def synthetic_head(size=256):
+    """Air, a skull ring (1000 HU), brain (35 HU) with a ventricle (5 HU) and a vessel (300 HU)."""
+    y, x = np.mgrid[:size, :size] - size / 2
+    r = np.hypot(x, y)
+    hu = np.full((size, size), -1000.0, np.float32)
+    hu[r < 0.45 * size] = 40.0   # scalp
+    hu[r < 0.42 * size] = 1000.0  # skull
+    hu[r < 0.38 * size] = 35.0   # brain
+    hu[np.hypot(x - 10, y) < 0.05 * size] = 5.0
+    hu[np.hypot(x + 20, y + 20) < 3] = 300.0
+    return hu, r
+
+
+def test_mask_is_brain_without_skull_and_scalp():
+    hu, r = synthetic_head()
+    mask = brain_mask(hu, (-15, 100), MaskSettings())
+    assert mask[r < 0.36 * 256].all()          # brain, ventricle and vessel (hole filled)
+    assert not mask[r > 0.40 * 256].any()      # skull, scalp, air
+
+
+def test_empty_slice_gives_empty_mask():
+    hu = np.full((64, 64), -1000.0, np.float32)
+    assert not brain_mask(hu, (-15, 100), MaskSettings()).any()
+
+
+def test_largest_component():
+    m = np.zeros((10, 10), bool)
+    m[0:2, 0:2] = True
+    m[5:9, 5:9] = True
+    out = largest_component(m)
+    assert out[6, 6] and not out[0, 0]
+
+
+def test_apply_mask_sets_floor():
+    hu, _ = synthetic_head(64)
+    mask = brain_mask(hu, (-15, 100), MaskSettings())
+    out = apply_mask(hu, mask, floor_hu=0.0)
+    assert out.dtype == np.float32
+    assert np.all(out[~mask] == 0.0) and np.all(out[mask] == hu[mask])
+
+
+def test_real_head_slice(shared_data):
+    hu = dicom_io.read_hu(str(shared_data / "dicom/head-ncct/pydicom-data_693_UNCR.dcm"), [0], -1500)[0]
+    mask = brain_mask(hu, (-15, 100), MaskSettings())
+    frac = mask.mean()
+    assert 0.2 < frac < 0.5, frac                       # a brain, not the whole head or nothing
+    assert np.median(hu[mask]) > 15 and np.median(hu[mask]) < 60  # brain tissue HU
+    assert not mask[0].any() and not mask[:, 0].any()   # background corners out
