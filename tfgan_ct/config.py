@@ -120,12 +120,60 @@ class DataSettings:
 
 
 @dataclass
+class ModelSettings:
+    """Network sizes (paper: ESRGAN's 23 RRDB blocks, 64 features, 32 growth channels)."""
+
+    num_blocks: int = 23
+    features: int = 64
+    growth: int = 32
+    d_features: int = 64
+    # "imagenet" (Keras downloads it once), a local VGG19 weights file, or
+    # "none" (random weights: tests only, logged loudly).
+    vgg_weights: str = "imagenet"
+
+
+@dataclass
+class PhaseSettings:
+    """One training phase: steps, initial learning rate, steps (within the phase) where it halves."""
+
+    steps: int
+    learning_rate: float
+    milestones: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TrainSettings:
+    """Training schedule, loss weights and bookkeeping."""
+
+    # PSNR-oriented phase: L1 only (ESRGAN's pre-training), then the GAN phase.
+    # The paper trains 20,000 iterations per stage; it does not say how many of
+    # them are L1-only: here 2,000 L1 + 18,000 GAN steps (a project choice).
+    l1_phase: PhaseSettings = field(default_factory=lambda: PhaseSettings(2000, 2e-4, [1000]))
+    gan_phase: PhaseSettings = field(
+        default_factory=lambda: PhaseSettings(18000, 1e-4, [5000, 10000, 15000]))
+    perceptual_weight: float = 1.0
+    adversarial_weight: float = 5e-3
+    l1_weight: float = 1e-2
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    mixed_precision: str = "float32"   # float32, mixed_float16 or mixed_bfloat16
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 100
+    eval_every: int = 1000
+    eval_slices: int = 8               # validation slices scored / shown in TensorBoard
+    seed: int = 0
+
+
+@dataclass
 class Config:
     """Everything a command needs; sections map to the top-level YAML keys."""
 
     modalities: Modalities = field(default_factory=Modalities)
     convert: ConvertSettings = field(default_factory=ConvertSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), ready for YAML or JSON."""

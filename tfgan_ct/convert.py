@@ -107,30 +107,29 @@ def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality
     salt = cfg.convert.salt or f"tfgan-ct:{cfg.convert.seed}"
 
     summary = Summary(out=out)
-    with _pool(workers) as pool:
-        frames, skipped = scan(inputs, pool, progress)
-        frames = dicom_io.merge_duplicates(frames)
-        summary.skipped.extend(skipped)
-        plans = plan_series(frames, cfg, modality, salt, split_csv)
-        if not plans:
-            raise ConvertError(f"no usable CT images found in {', '.join(map(str, inputs))} "
-                               f"({len(skipped)} file(s) skipped)")
-        with staged_directory(out, overwrite=overwrite) as stage:
-            handler = _file_log(stage / "convert.log")
-            try:
-                _log_plans(plans, skipped)
-                shards = write_shards(plans, cfg, stage, pool, summary, progress)
-                if not sum(summary.records.values()):
-                    raise ConvertError("no slice with brain tissue could be converted "
-                                       f"({len(summary.skipped)} file(s) skipped)")
-                summary.seconds = time.perf_counter() - start
-                manifest = build_manifest(plans, shards, summary, cfg, modality, split_csv)
-                atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-                cfg.save(stage / "config.yaml")
-                _log_summary(summary)
-            finally:
-                logging.getLogger("tfgan_ct").removeHandler(handler)
-                handler.close()
+    with _pool(workers) as pool, staged_directory(out, overwrite=overwrite) as stage:
+        handler = _file_log(stage / "convert.log")
+        try:
+            frames, skipped = scan(inputs, pool, progress)
+            frames = dicom_io.merge_duplicates(frames)
+            summary.skipped.extend(skipped)
+            plans = plan_series(frames, cfg, modality, salt, split_csv)
+            if not plans:
+                raise ConvertError(f"no usable CT images found in {', '.join(map(str, inputs))} "
+                                   f"({len(skipped)} file(s) skipped)")
+            _log_plans(plans, skipped)
+            shards = write_shards(plans, cfg, stage, pool, summary, progress)
+            if not sum(summary.records.values()):
+                raise ConvertError("no usable CT images found: no slice with brain tissue could be converted "
+                                   f"({len(summary.skipped)} file(s) skipped)")
+            summary.seconds = time.perf_counter() - start
+            manifest = build_manifest(plans, shards, summary, cfg, modality, split_csv)
+            atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            cfg.save(stage / "config.yaml")
+            _log_summary(summary)
+        finally:
+            logging.getLogger("tfgan_ct").removeHandler(handler)
+            handler.close()
     return summary
 
 

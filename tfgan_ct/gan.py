@@ -1,0 +1,153 @@
+"""The Transfer-GAN training model: generator, discriminator, VGG19, two optimizers.
+
+`TransferGAN.train_step` runs one of two phases (ESRGAN's recipe):
+
+- L1 phase (`gan_phase = False`): generator only, loss = L1(SR, HR).
+- GAN phase (`gan_phase = True`):
+    G: perceptual + 5e-3 * RaGAN_G + 1e-2 * L1   (weights from the config)
+    D: RaGAN_D on HR vs. the (detached) SR of the same batch.
+
+Per-example losses are averaged over the *global* batch
+(`tf.nn.compute_average_loss`), so gradients summed over replicas under
+`tf.distribute` equal those of one big batch. With `mixed_float16` both
+optimizers are wrapped in `LossScaleOptimizer` and losses are scaled before
+differentiation.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tfgan_ct import losses
+from tfgan_ct.config import PhaseSettings, TrainSettings
+
+
+def halving_schedule(phases: list[tuple[int, PhaseSettings]]) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Piecewise-constant learning rate over consecutive phases.
+
+    phases: [(first step of the phase, its settings), ...]; within a phase the
+    rate starts at `learning_rate` and halves at each of its `milestones`.
+    """
+    boundaries: list[int] = []
+    values: list[float] = []
+    for start, phase in phases:
+        if phase.steps <= 0:
+            continue
+        if values:
+            boundaries.append(start)
+        rate = phase.learning_rate
+        values.append(rate)
+        for milestone in sorted(m for m in phase.milestones if 0 < m < phase.steps):
+            rate *= 0.5
+            boundaries.append(start + milestone)
+            values.append(rate)
+    if not values:
+        values = [0.0]
+    if not boundaries:  # a single constant rate
+        return keras.optimizers.schedules.PiecewiseConstantDecay([1 << 62], values * 2)
+    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def make_optimizer(schedule, settings: TrainSettings, name: str) -> keras.optimizers.Optimizer:
+    """Adam (beta1 0.9, beta2 0.999 by default), loss-scaled under mixed_float16."""
+    opt = keras.optimizers.Adam(learning_rate=schedule, beta_1=settings.beta_1, beta_2=settings.beta_2,
+                                name=name)
+    if settings.mixed_precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt, name=f"{name}_loss_scale")
+    return opt
+
+
+class TransferGAN(keras.Model):
+    """Holds G, D, the frozen VGG19 and both optimizers; `call` is the generator."""
+
+    def __init__(self, generator: keras.Model, discriminator: keras.Model, vgg: keras.Model,
+                 settings: TrainSettings, global_batch: int, **kwargs):
+        super().__init__(**kwargs)
+        self.generator, self.discriminator, self.vgg = generator, discriminator, vgg
+        self.settings, self.global_batch = settings, global_batch
+        l1, gan = settings.l1_phase, settings.gan_phase
+        self.g_optimizer = make_optimizer(halving_schedule([(0, l1), (l1.steps, gan)]), settings, "g_adam")
+        self.d_optimizer = make_optimizer(halving_schedule([(0, gan)]), settings, "d_adam")
+        self.gan_phase = False
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in
+                         ("g_loss", "l1", "perceptual", "g_adversarial", "d_loss", "d_real", "d_fake")}
+
+    def build_optimizers(self) -> None:
+        """Create optimizer slots now (inside the strategy scope, before `fit`).
+
+        Under MirroredStrategy a custom train step with two optimizers fails on
+        its first step unless both are built in the strategy's scope.
+        """
+        self.g_optimizer.build(self.generator.trainable_variables)
+        self.d_optimizer.build(self.discriminator.trainable_variables)
+
+    @property
+    def step(self) -> tf.Variable:
+        """Generator updates so far (the global step; D updates only in the GAN phase)."""
+        return self.g_optimizer.iterations
+
+    @property
+    def metrics(self):
+        return list(self.trackers.values())
+
+    def call(self, lr, training=False):
+        return self.generator(lr, training=training)
+
+    def _average(self, per_example: tf.Tensor) -> tf.Tensor:
+        return tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+
+    def train_step(self, data):
+        lr, hr = data["lr"], data["hr"]
+        if self.gan_phase:
+            self._gan_step(lr, hr)
+        else:
+            self._l1_step(lr, hr)
+        return {name: m.result() for name, m in self.trackers.items()
+                if self.gan_phase or name in ("g_loss", "l1")}
+
+    def _apply(self, optimizer, tape, loss, variables) -> None:
+        scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, variables)
+        optimizer.apply(grads, variables)
+
+    def _l1_step(self, lr, hr) -> None:
+        with tf.GradientTape() as tape:
+            sr = self.generator(lr, training=True)
+            l1 = losses.l1_per_example(sr, hr)
+            loss = self._average(l1)
+        self._apply(self.g_optimizer, tape, loss, self.generator.trainable_variables)
+        self.trackers["l1"].update_state(l1)
+        self.trackers["g_loss"].update_state(l1)
+
+    def _gan_step(self, lr, hr) -> None:
+        s = self.settings
+        with tf.GradientTape() as tape:
+            sr = self.generator(lr, training=True)
+            real_logits = tf.stop_gradient(self.discriminator(hr, training=True))
+            fake_logits = self.discriminator(sr, training=True)
+            l1 = losses.l1_per_example(sr, hr)
+            perceptual = losses.perceptual_per_example(self.vgg, sr, hr)
+            adversarial = losses.ragan_g_per_example(real_logits, fake_logits)
+            g_total = s.perceptual_weight * perceptual + s.adversarial_weight * adversarial + s.l1_weight * l1
+            g_loss = self._average(g_total)
+        self._apply(self.g_optimizer, tape, g_loss, self.generator.trainable_variables)
+
+        sr = tf.stop_gradient(sr)
+        with tf.GradientTape() as tape:
+            real_logits = self.discriminator(hr, training=True)
+            fake_logits = self.discriminator(sr, training=True)
+            d_total = losses.ragan_d_per_example(real_logits, fake_logits)
+            d_loss = self._average(d_total)
+        self._apply(self.d_optimizer, tape, d_loss, self.discriminator.trainable_variables)
+
+        for name, value in (("g_loss", g_total), ("l1", l1), ("perceptual", perceptual),
+                            ("g_adversarial", adversarial), ("d_loss", d_total),
+                            ("d_real", tf.sigmoid(tf.cast(real_logits, tf.float32))),
+                            ("d_fake", tf.sigmoid(tf.cast(fake_logits, tf.float32)))):
+            self.trackers[name].update_state(value)
+
+    def test_step(self, data):
+        sr = tf.clip_by_value(tf.cast(self.generator(data["lr"], training=False), tf.float32), 0.0, 1.0)
+        l1 = losses.l1_per_example(sr, data["hr"])
+        self.trackers["l1"].update_state(l1)
+        return {"l1": self.trackers["l1"].result()}

@@ -1,0 +1,126 @@
+"""ESRGAN generator (RRDBNet) for one-channel CT, x4.
+
+Layer by layer as ESRGAN's RRDBNet (Wang et al. 2018; BasicSR `rrdbnet_arch.py`):
+
+    conv_first 3x3 (1 -> nf)
+    trunk: num_blocks x RRDB, each = 3 residual dense blocks (RDB), output x + 0.2 * rdbs(x)
+        RDB: 4 x [3x3 conv to gc channels + LeakyReLU(0.2)] on the concatenation of
+             the input and all earlier outputs, then a 3x3 conv back to nf (no
+             activation); output x + 0.2 * that
+    trunk_conv 3x3, long skip: features + trunk
+    2 x [nearest-neighbour x2 upsampling, 3x3 conv, LeakyReLU(0.2)]
+    hr_conv 3x3 + LeakyReLU(0.2), conv_last 3x3 (nf -> 1)
+
+Paper configuration: 23 blocks, nf 64, gc 32: 16,695,681 parameters.
+Tensors are NHWC; input [b, h, w, 1] in [0, 1], output [b, 4h, 4w, 1] (not clipped).
+
+Initialisation: dense-block convolutions use He (MSRA, fan-in) normal init
+scaled by 0.1, as ESRGAN. The other convolutions use PyTorch's default
+(uniform, limit 1/sqrt(fan_in)) so the network starts where ESRGAN's does;
+biases start at zero (PyTorch draws them uniformly: a deliberate simplification).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+from keras import layers
+
+RESIDUAL_SCALE = 0.2
+
+
+@dataclass
+class GeneratorSettings:
+    """RRDBNet size (paper: 23 blocks, 64 features, 32 growth channels, x4)."""
+
+    num_blocks: int = 23
+    features: int = 64
+    growth: int = 32
+    scale: int = 4
+    channels: int = 1
+
+
+def _he_scaled() -> keras.initializers.Initializer:
+    # std = 0.1 * sqrt(2 / fan_in): VarianceScaling's variance is scale / fan_in.
+    return keras.initializers.VarianceScaling(scale=2.0 * 0.1 ** 2, mode="fan_in",
+                                              distribution="untruncated_normal")
+
+
+def _torch_default() -> keras.initializers.Initializer:
+    # PyTorch Conv2d default: kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
+
+
+def conv(filters: int, name: str, init=None) -> layers.Conv2D:
+    """3x3 'same' convolution with bias."""
+    return layers.Conv2D(filters, 3, padding="same", name=name,
+                         kernel_initializer=init or _torch_default(), bias_initializer="zeros")
+
+
+@keras.saving.register_keras_serializable(package="tfgan_ct")
+class ResidualDenseBlock(layers.Layer):
+    """RDB: five 3x3 convs with dense connections; out = x + 0.2 * conv5(...). NHWC, nf channels."""
+
+    def __init__(self, features: int = 64, growth: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        self.features, self.growth = features, growth
+        self.convs = [conv(growth, f"conv{i}", _he_scaled()) for i in range(1, 5)]
+        self.conv5 = conv(features, "conv5", _he_scaled())
+        self.act = layers.LeakyReLU(negative_slope=0.2)
+
+    def call(self, x):
+        outputs = [x]
+        for layer in self.convs:
+            outputs.append(self.act(layer(keras.ops.concatenate(outputs, axis=-1))))
+        return x + RESIDUAL_SCALE * self.conv5(keras.ops.concatenate(outputs, axis=-1))
+
+    def get_config(self):
+        return {**super().get_config(), "features": self.features, "growth": self.growth}
+
+
+@keras.saving.register_keras_serializable(package="tfgan_ct")
+class RRDB(layers.Layer):
+    """Residual-in-residual dense block: out = x + 0.2 * rdb3(rdb2(rdb1(x)))."""
+
+    def __init__(self, features: int = 64, growth: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        self.features, self.growth = features, growth
+        self.rdbs = [ResidualDenseBlock(features, growth, name=f"rdb{i}") for i in range(1, 4)]
+
+    def call(self, x):
+        out = x
+        for rdb in self.rdbs:
+            out = rdb(out)
+        return x + RESIDUAL_SCALE * out
+
+    def get_config(self):
+        return {**super().get_config(), "features": self.features, "growth": self.growth}
+
+
+def build_generator(settings: GeneratorSettings | None = None, name: str = "generator") -> keras.Model:
+    """RRDBNet as a functional Keras model taking [b, h, w, channels] for any h, w."""
+    s = settings or GeneratorSettings()
+    if s.scale not in (2, 4):
+        raise ValueError(f"generator scale {s.scale}: RRDBNet upsamples by 2 or 4")
+    lr = keras.Input((None, None, s.channels), name="lr")
+    features = conv(s.features, "conv_first")(lr)
+    trunk = features
+    for i in range(s.num_blocks):
+        trunk = RRDB(s.features, s.growth, name=f"rrdb{i:02d}")(trunk)
+    x = layers.Add(name="long_skip")([features, conv(s.features, "trunk_conv")(trunk)])
+    for i in range(1, s.scale // 2 + 1):
+        x = layers.UpSampling2D(2, interpolation="nearest", name=f"upsample{i}")(x)
+        x = layers.LeakyReLU(0.2, name=f"up_act{i}")(conv(s.features, f"up_conv{i}")(x))
+    x = layers.LeakyReLU(0.2, name="hr_act")(conv(s.features, "hr_conv")(x))
+    sr = conv(s.channels, "conv_last")(x)
+    return keras.Model(lr, sr, name=name)
+
+
+def flops_per_lr_pixel(settings: GeneratorSettings | None = None) -> float:
+    """Multiply-adds x 2 of one forward pass per LR pixel (convolutions only)."""
+    s = settings or GeneratorSettings()
+    nf, gc = s.features, s.growth
+    rdb = sum((nf + i * gc) * gc for i in range(4)) + (nf + 4 * gc) * nf
+    lr_convs = s.channels * nf + s.num_blocks * 3 * rdb + nf * nf
+    hr = nf * nf * 4 + nf * nf * 16 + (nf * nf + nf * s.channels) * s.scale ** 2
+    return 2.0 * 9 * (lr_convs + hr)

@@ -1,0 +1,61 @@
+"""VGG19 feature extractor for the perceptual loss: conv5_4 *before* its ReLU.
+
+ESRGAN takes VGG19 features before the activation (they keep more
+information than after it). Keras' VGG19 folds the ReLU into `block5_conv4`,
+so the extractor ends in a linear copy of that layer with the same weights.
+
+Input NHWC [b, h, w, 1] in [0, 1]. Grey CT is replicated to three channels
+and normalised the way the Keras ImageNet weights expect (x 255, per-channel
+mean subtraction of `keras.applications.vgg19.preprocess_input`). ESRGAN's
+PyTorch VGG uses torchvision's weights with mean/std normalisation; the
+Keras weights are the original Caffe ones, so the features differ in scale
+from ESRGAN's (documented deviation).
+
+Weights (config `model.vgg_weights`): "imagenet" downloads Keras' ImageNet
+weights on first use (cached in ~/.keras); a path loads a local
+`.weights.h5`/`.h5` file of `keras.applications.VGG19(include_top=False)`;
+"none" keeps random weights, for tests only, and says so loudly in the log.
+"""
+from __future__ import annotations
+
+import logging
+
+import keras
+from keras import layers
+
+log = logging.getLogger("tfgan_ct.vgg")
+
+# Caffe VGG means (BGR); grey input makes the channel order irrelevant.
+_MEAN = (103.939, 116.779, 123.68)
+
+
+def build_feature_extractor(weights: str = "imagenet", name: str = "vgg19_conv5_4") -> keras.Model:
+    """Frozen model: [b, h, w, 1] in [0, 1] -> conv5_4 pre-activation features [b, h/16, w/16, 512]."""
+    if weights == "none":
+        log.warning("VGG19 has RANDOM weights (model.vgg_weights=none): the perceptual loss is "
+                    "meaningless; use this only for tests")
+        vgg = keras.applications.VGG19(include_top=False, weights=None, input_shape=(None, None, 3))
+    elif weights == "imagenet":
+        vgg = keras.applications.VGG19(include_top=False, weights="imagenet", input_shape=(None, None, 3))
+    else:
+        vgg = keras.applications.VGG19(include_top=False, weights=None, input_shape=(None, None, 3))
+        try:
+            vgg.load_weights(weights)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model.vgg_weights={weights}: cannot load VGG19 weights ({exc})") from None
+        log.info("VGG19 weights from %s", weights)
+    grey = keras.Input((None, None, 1), name="image")
+    x = layers.Concatenate(name="to_rgb")([grey, grey, grey])
+    x = layers.Rescaling(255.0, offset=0.0, name="to_255")(x)
+    x = layers.Normalization(mean=list(_MEAN), variance=[1.0, 1.0, 1.0], name="imagenet_mean")(x)
+    for layer in vgg.layers[1:]:
+        if layer.name == "block5_conv4":
+            break
+        x = layer(x)
+    last = vgg.get_layer("block5_conv4")
+    pre = layers.Conv2D(512, 3, padding="same", activation=None, name="block5_conv4_preact")
+    features = pre(x)
+    pre.set_weights(last.get_weights())
+    model = keras.Model(grey, features, name=name)
+    model.trainable = False
+    return model

@@ -1,0 +1,70 @@
+"""Benchmark `tfgan-ct convert` on 512x512 phantom slices against a plain pydicom read.
+
+    python tools/bench_convert.py [--patients 4] [--size 512] [--workers 2]
+
+Prints slices/s for (a) reading and decoding every file with plain pydicom in
+one process, the baseline, and (b) the whole conversion (header pass,
+decoding, masking, MATLAB-style resize, patch extraction, TFRecord writing,
+manifest) with the given number of worker processes, and their ratio.
+TensorFlow is imported before timing; start-up is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def plain_pydicom(files: list[Path]) -> float:
+    """Seconds to read and decode every file with pydicom alone (one process)."""
+    import pydicom
+
+    start = time.perf_counter()
+    for path in files:
+        pydicom.dcmread(path).pixel_array
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--patients", type=int, default=4)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=2, help="conversions to time (best is kept)")
+    args = parser.parse_args(argv)
+
+    import tensorflow  # noqa: F401 - import outside the timed region
+
+    from tfgan_ct.config import Config
+    from tfgan_ct.convert import convert
+    from tfgan_ct.phantom import make_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_dataset(tmp / "dicom", n_patients=args.patients, seed=0, size=args.size)
+        files = sorted((tmp / "dicom").rglob("*.dcm"))
+        plain_pydicom(files[:20])  # warm the file cache
+        base = min(plain_pydicom(files) for _ in range(2))
+        times = []
+        for i in range(args.repeats):
+            start = time.perf_counter()
+            summary = convert([tmp / "dicom"], tmp / f"out{i}", Config(), workers=args.workers,
+                              progress=False)
+            times.append(time.perf_counter() - start)
+        best = min(times)
+        n = len(files)
+        print(f"{n} slices of {args.size}x{args.size}, {args.patients} patients, "
+              f"{args.workers} worker(s), {os.cpu_count()} core(s)")
+        print(f"plain pydicom read+decode (1 process): {n / base:8.1f} slices/s")
+        print(f"tfgan-ct convert end to end          : {n / best:8.1f} slices/s "
+              f"(best of {args.repeats}: {', '.join(f'{t:.2f}' for t in times)} s)")
+        print(f"ratio convert / plain read           : {base / best:8.2f}")
+        print(f"records written                      : {sum(summary.records.values())}")
+
+
+if __name__ == "__main__":
+    main()
