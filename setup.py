@@ -37,6 +37,7 @@ setup(
         "absl-py>=2.0,<3",
         "PyYAML>=6.0,<7",
         "tqdm>=4.66,<5",
+        "tensorboard>=2.20,<2.22",
         *DICOM_CODECS,
     ],
     extras_require={

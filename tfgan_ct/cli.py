@@ -101,5 +101,37 @@ def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, n
                f"({len(summary.skipped)} file(s) skipped)")
 
 
+@main.command()
+@click.option("--stage", required=True, type=click.Choice(["natural", "ncct", "ctp", "cta"]),
+              help="Stage of the chain natural -> ncct -> ctp -> cta.")
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset folder made by `tfgan-ct convert` (or convert-images).")
+@click.option("--warm-start", default="default", show_default=True, metavar="STAGE[@N]|PATH|none",
+              help="Export to start from; default: the stage before (natural: none).")
+@click.option("--models-dir", default="saved_models", show_default=True, type=click.Path(file_okay=False),
+              help="Where stage exports are read and written.")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(file_okay=False),
+              help="Where runs keep checkpoints, TensorBoard logs and train.log.")
+@click.option("--gpus", type=int, default=None, help="Use at most this many GPUs (default: all visible).")
+@click.option("--restart", is_flag=True, help="Discard this run's checkpoints and train from the start.")
+@config_options
+def train(stage, data_dir, warm_start, models_dir, runs_dir, gpus, restart, cfg):
+    """Train one stage (L1 phase, then GAN phase) and export it as a SavedModel.
+
+    The same command run again resumes from the run's newest checkpoint.
+    Several GPUs are used with MirroredStrategy; several machines with
+    MultiWorkerMirroredStrategy when TF_CONFIG names several workers.
+    """
+    from tfgan_ct.export import ExportError
+    from tfgan_ct.train import TrainingError, choose_strategy, train_stage
+
+    try:
+        result = train_stage(stage, data_dir, cfg, warm_start=warm_start, models_dir=models_dir,
+                             runs_dir=runs_dir, strategy=choose_strategy(gpus), restart=restart)
+    except (TrainingError, ExportError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{stage}: {result.steps} steps; run {result.run_dir}; export {result.export_dir}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -64,13 +64,17 @@ class ResidualDenseBlock(layers.Layer):
     def __init__(self, features: int = 64, growth: int = 32, **kwargs):
         super().__init__(**kwargs)
         self.features, self.growth = features, growth
-        self.convs = [conv(growth, f"conv{i}", _he_scaled()) for i in range(1, 5)]
+        # Named attributes rather than a list: tf.train.Checkpoint tracks these.
+        self.conv1 = conv(growth, "conv1", _he_scaled())
+        self.conv2 = conv(growth, "conv2", _he_scaled())
+        self.conv3 = conv(growth, "conv3", _he_scaled())
+        self.conv4 = conv(growth, "conv4", _he_scaled())
         self.conv5 = conv(features, "conv5", _he_scaled())
         self.act = layers.LeakyReLU(negative_slope=0.2)
 
     def call(self, x):
         outputs = [x]
-        for layer in self.convs:
+        for layer in (self.conv1, self.conv2, self.conv3, self.conv4):
             outputs.append(self.act(layer(keras.ops.concatenate(outputs, axis=-1))))
         return x + RESIDUAL_SCALE * self.conv5(keras.ops.concatenate(outputs, axis=-1))
 
@@ -85,11 +89,13 @@ class RRDB(layers.Layer):
     def __init__(self, features: int = 64, growth: int = 32, **kwargs):
         super().__init__(**kwargs)
         self.features, self.growth = features, growth
-        self.rdbs = [ResidualDenseBlock(features, growth, name=f"rdb{i}") for i in range(1, 4)]
+        self.rdb1 = ResidualDenseBlock(features, growth, name="rdb1")
+        self.rdb2 = ResidualDenseBlock(features, growth, name="rdb2")
+        self.rdb3 = ResidualDenseBlock(features, growth, name="rdb3")
 
     def call(self, x):
         out = x
-        for rdb in self.rdbs:
+        for rdb in (self.rdb1, self.rdb2, self.rdb3):
             out = rdb(out)
         return x + RESIDUAL_SCALE * out
 

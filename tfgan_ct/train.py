@@ -1,0 +1,283 @@
+"""`tfgan-ct train`: one stage of the chain, with warm start, checkpoints and export.
+
+    natural -> ncct -> ctp -> cta     (default warm start: the stage before; natural: none)
+
+A run lives in `runs/<stage>-<id>/`, where the id is a hash of what defines
+the run (stage, dataset manifest, configuration, warm-start source): running
+the same command again resumes from its newest checkpoint, or reports the
+export of a run that already finished. The run folder holds `checkpoints/`,
+`tensorboard/`, `config.yaml` and `train.log`.
+
+Distribution: `MultiWorkerMirroredStrategy` when `TF_CONFIG` names several
+workers, `MirroredStrategy` over the visible GPUs (`--gpus N` to use fewer)
+when there are two or more, otherwise the default strategy (one GPU or CPU).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfgan_ct import data, export, metrics
+from tfgan_ct.config import Config
+from tfgan_ct.discriminator import build_discriminator
+from tfgan_ct.fileio import atomic_write_text
+from tfgan_ct.gan import TransferGAN
+from tfgan_ct.generator import GeneratorSettings, build_generator
+from tfgan_ct.vgg import build_feature_extractor
+
+log = logging.getLogger("tfgan_ct.train")
+
+STAGES = ("natural", "ncct", "ctp", "cta")
+PARENT = {"natural": None, "ncct": "natural", "ctp": "ncct", "cta": "ctp"}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or cannot go on (bad warm start, non-finite loss, ...)."""
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its outputs."""
+
+    run_dir: Path
+    export_dir: Path
+    steps: int
+    resumed_from: int
+
+
+def choose_strategy(gpus: int | None = None) -> tf.distribute.Strategy:
+    """The distribution strategy for this machine (see the module docstring)."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    workers = tf_config.get("cluster", {}).get("worker", [])
+    if len(workers) > 1:
+        log.info("TF_CONFIG names %d workers: MultiWorkerMirroredStrategy", len(workers))
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    devices = tf.config.list_logical_devices("GPU")
+    if gpus is not None:
+        if gpus > len(devices):
+            raise TrainingError(f"--gpus {gpus}: only {len(devices)} GPU(s) visible")
+        devices = devices[:gpus]
+    if len(devices) > 1:
+        log.info("MirroredStrategy over %d GPUs", len(devices))
+        return tf.distribute.MirroredStrategy([d.name for d in devices])
+    log.info("single device (%s)", devices[0].name if devices else "CPU")
+    return tf.distribute.get_strategy()
+
+
+def resolve_warm_start(stage: str, spec: str, models_dir: Path) -> Path | None:
+    """Export folder to start from: 'default' (the paper's parent), 'none', a stage[@N] or a path."""
+    if spec == "default":
+        spec = PARENT[stage] or "none"
+    if spec == "none":
+        return None
+    try:
+        return export.resolve(spec, models_dir)
+    except export.ExportError as exc:
+        raise TrainingError(f"warm start for stage {stage!r}: {exc}; or train from scratch with "
+                            f"--warm-start none") from None
+
+
+def run_id(stage: str, manifest: dict, cfg: Config, parent: Path | None) -> str:
+    """Short hash of what defines a run, so the same command resumes the same run."""
+    parent_meta = export.read_metadata(parent) if parent else {}
+    key = json.dumps({"stage": stage, "shards": manifest["shards"], "config": cfg.to_dict(),
+                      "parent": [parent_meta.get("stage"), parent_meta.get("version"), str(parent)]},
+                     sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def train_stage(stage: str, data_dir: str | Path, cfg: Config, warm_start: str = "default",
+                models_dir: str | Path = "saved_models", runs_dir: str | Path = "runs",
+                strategy: tf.distribute.Strategy | None = None, restart: bool = False) -> TrainResult:
+    """Train `stage` on the shards in `data_dir`, then export it; see the module docstring."""
+    if stage not in STAGES:
+        raise TrainingError(f"unknown stage {stage!r} (use {', '.join(STAGES)})")
+    models_dir, data_dir = Path(models_dir), Path(data_dir)
+    modality = stage  # the natural stage reads modality "natural"
+    try:
+        manifest = data.load_manifest(data_dir)
+        data.shard_files(data_dir, "train", modality)
+    except data.DataError as exc:
+        raise TrainingError(str(exc)) from None
+    parent = resolve_warm_start(stage, warm_start, models_dir)
+    run_dir = Path(runs_dir) / f"{stage}-{run_id(stage, manifest, cfg, parent)}"
+    if restart and run_dir.exists():
+        shutil.rmtree(run_dir)
+    done = run_dir / "exported.json"
+    if done.is_file():
+        info = json.loads(done.read_text())
+        log.info("run %s already finished; its export is %s (use --restart to train again)",
+                 run_dir, info["export_dir"])
+        return TrainResult(run_dir, Path(info["export_dir"]), info["steps"], info["steps"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("tfgan_ct").addHandler(handler)
+    try:
+        return _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir,
+                      strategy or choose_strategy())
+    finally:
+        logging.getLogger("tfgan_ct").removeHandler(handler)
+        handler.close()
+
+
+def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir, strategy) -> TrainResult:
+    tc = cfg.train
+    if tc.mixed_precision != "float32":
+        keras.mixed_precision.set_global_policy(tc.mixed_precision)
+    keras.utils.set_random_seed(tc.seed)
+    patch = manifest["patch_size"]
+    replicas = strategy.num_replicas_in_sync
+    if cfg.data.batch_size % replicas:
+        raise TrainingError(f"data.batch_size={cfg.data.batch_size} does not split over {replicas} replicas")
+    with strategy.scope():
+        generator = build_generator(GeneratorSettings(cfg.model.num_blocks, cfg.model.features,
+                                                      cfg.model.growth, manifest["scale"]))
+        discriminator = build_discriminator(patch, features=cfg.model.d_features)
+        vgg = build_feature_extractor(cfg.model.vgg_weights)
+        model = TransferGAN(generator, discriminator, vgg, tc, global_batch=cfg.data.batch_size)
+        model.build_optimizers()
+        model.compile()
+        checkpoint = tf.train.Checkpoint(generator=generator, discriminator=discriminator,
+                                         g_optimizer=model.g_optimizer, d_optimizer=model.d_optimizer)
+    manager = tf.train.CheckpointManager(checkpoint, str(_checkpoint_dir(run_dir, strategy)),
+                                         max_to_keep=tc.keep_checkpoints)
+    resumed = 0
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        resumed = int(model.step.numpy())
+        log.info("resuming %s from its checkpoint at step %d (%s)", run_dir, resumed, manager.latest_checkpoint)
+    elif parent is not None:
+        count = export.warm_start(generator, discriminator, parent)
+        log.info("warm start from %s: %d variables of generator and discriminator", parent, count)
+    else:
+        log.info("no warm start: training %s from scratch", stage)
+
+    total = tc.l1_phase.steps + tc.gan_phase.steps
+    seed = tc.seed + resumed  # a resumed run continues with a fresh, reproducible data order
+    dataset = strategy.distribute_datasets_from_function(
+        lambda ctx: data.train_dataset(data_dir, modality, cfg, input_context=ctx, seed=seed))
+    watcher = StepWatcher(model, manager, run_dir, cfg, data_dir, modality, total, strategy)
+    for gan_phase, end in ((False, tc.l1_phase.steps), (True, total)):
+        start = int(model.step.numpy())
+        if start >= end:
+            continue
+        model.gan_phase = gan_phase
+        model.train_function = None  # rebuild the step function for this phase
+        watcher.phase_end = end
+        log.info("%s phase: steps %d-%d", "GAN" if gan_phase else "L1", start + 1, end)
+        chunk = max(1, min(tc.log_every, end - start))
+        model.fit(dataset, steps_per_epoch=chunk, epochs=math.ceil((end - start) / chunk),
+                  verbose=0, callbacks=[watcher])
+        if watcher.error:
+            raise TrainingError(watcher.error)
+    steps = int(model.step.numpy())
+    manager.save(checkpoint_number=steps)
+    meta = {"parent": export.read_metadata(parent).get("stage") if parent else None,
+            "parent_version": export.read_metadata(parent).get("version") if parent else None,
+            "parent_path": str(parent) if parent else None, "steps": steps, "modality": modality,
+            "data_manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+            "config": cfg.to_dict()}
+    window = cfg.modalities.get(modality).window
+    out = export.export_stage(generator, discriminator, models_dir, stage, window, manifest["scale"], meta)
+    log.info("exported %s", out)
+    atomic_write_text(run_dir / "exported.json", json.dumps({"export_dir": str(out), "steps": steps}) + "\n")
+    return TrainResult(run_dir, out, steps, resumed)
+
+
+def _checkpoint_dir(run_dir: Path, strategy) -> Path:
+    """Checkpoints of the chief; other workers write theirs to a scratch folder (MWMS needs all to save)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type in (None, "chief") or (
+            resolver.task_type == "worker" and resolver.task_id == 0):
+        return run_dir / "checkpoints"
+    return run_dir / f".checkpoints-{resolver.task_type}{resolver.task_id}"
+
+
+class StepWatcher(keras.callbacks.Callback):
+    """Per-step bookkeeping: non-finite check, log lines, TensorBoard, checkpoints, validation."""
+
+    def __init__(self, model, manager, run_dir, cfg, data_dir, modality, total, strategy):
+        super().__init__()
+        self.gan, self.manager, self.cfg, self.total = model, manager, cfg, total
+        self.phase_end = total
+        self.error: str | None = None
+        self.writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+        self.val = list(data.eval_dataset(data_dir, "validation", modality, cfg)
+                        .take(cfg.train.eval_slices)) if _has_split(data_dir, "validation", modality) else []
+        self.t0, self.s0 = time.perf_counter(), None
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.gan.step.numpy())
+        if self.s0 is None:
+            self.s0, self.t0 = step - 1, time.perf_counter()
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        bad = [k for k, v in logs.items() if not math.isfinite(v)]
+        if bad:
+            last = self.manager.latest_checkpoint or "none"
+            self.error = (f"non-finite {', '.join(bad)} at step {step}; stopped. The last good checkpoint "
+                          f"is {last}; lower the learning rate or check the data, then run again to resume")
+            self.gan.stop_training = True
+            return
+        tc = self.cfg.train
+        if step % tc.log_every == 0 or step == self.phase_end:
+            self._log(step, logs)
+        if step % tc.checkpoint_every == 0:
+            self.manager.save(checkpoint_number=step)
+        if self.val and (step % tc.eval_every == 0 or step == self.total):
+            self._validate(step)
+        if step >= self.phase_end:
+            self.gan.stop_training = True
+
+    def _log(self, step, logs):
+        rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        g_lr = float(self.gan.g_optimizer.learning_rate)
+        log.info("step %d/%d %s | %s | lr %.2e | %.2f steps/s | ETA %s", step, self.total,
+                 "GAN" if self.gan.gan_phase else "L1",
+                 " ".join(f"{k} {v:.4g}" for k, v in sorted(logs.items())), g_lr, rate,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+        with self.writer.as_default(step=step):
+            for key, value in logs.items():
+                tf.summary.scalar(f"loss/{key}", value)
+            tf.summary.scalar("learning_rate/generator", g_lr)
+            if self.gan.gan_phase:
+                tf.summary.scalar("learning_rate/discriminator", float(self.gan.d_optimizer.learning_rate))
+            tf.summary.scalar("steps_per_second", rate)
+
+    def _validate(self, step):
+        scores, images = [], []
+        for item in self.val:
+            sr = np.clip(self.gan.generator(item["lr"][None], training=False).numpy()[0, ..., 0], 0, 1)
+            hr, mask = item["hr"].numpy()[..., 0], item["mask"].numpy()[..., 0]
+            scores.append((metrics.psnr(sr, hr, mask=mask), metrics.ssim(sr, hr, mask=mask)))
+            if len(images) < 3:
+                lr_up = np.repeat(np.repeat(item["lr"].numpy()[..., 0], 4, 0), 4, 1)
+                images.append(np.concatenate([lr_up, sr, hr], axis=1))
+        psnr, ssim = np.mean(scores, axis=0)
+        log.info("step %d validation (%d slices, in mask): PSNR %.2f dB, SSIM %.4f", step, len(scores), psnr, ssim)
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("validation/psnr_mask", psnr)
+            tf.summary.scalar("validation/ssim_mask", ssim)
+            for i, image in enumerate(images):  # LR (nearest) | SR | HR
+                tf.summary.image(f"validation/lr_sr_hr_{i}", image[None, ..., None])
+
+
+def _has_split(data_dir, split, modality) -> bool:
+    try:
+        data.shard_files(data_dir, split, modality)
+        return True
+    except data.DataError:
+        return False
