@@ -308,6 +308,11 @@ def _convert(tp: Any, value: Any, where: str, default: Any) -> Any:
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_convert(a, v, f"{where}[{i}]", None) for i, (a, v) in enumerate(zip(args, value)))
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

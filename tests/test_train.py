@@ -1,0 +1,220 @@
+"""Training on CPU with tiny networks: phases, distribution, resume, export, warm start."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import yaml
+
+from tfgan_ct import export
+from tfgan_ct.config import load_config
+from tfgan_ct.discriminator import build_discriminator
+from tfgan_ct.gan import TransferGAN
+from tfgan_ct.generator import GeneratorSettings, build_generator
+from tfgan_ct.train import TrainingError, train_stage
+from tfgan_ct.vgg import build_feature_extractor
+from conftest import REPO, SMALL_CONFIG
+
+TINY = {
+    "model": {"num_blocks": 1, "features": 8, "growth": 4, "d_features": 8, "vgg_weights": "none"},
+    "train": {"l1_phase": {"steps": 4, "learning_rate": 2e-4, "milestones": [2]},
+              "gan_phase": {"steps": 4, "learning_rate": 1e-4, "milestones": [2]},
+              "log_every": 2, "checkpoint_every": 2, "eval_every": 4, "eval_slices": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    base = yaml.safe_load(SMALL_CONFIG.read_text())
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**base, **TINY}))
+    return path
+
+
+def run_cli(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """`tfgan-ct ...` in a fresh process (as a user would run it)."""
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tfgan_ct.cli", *args], capture_output=True, text=True,
+                          env=environment, timeout=600, **kwargs)
+
+
+def tiny_gan(settings_overrides=()):
+    cfg = load_config(SMALL_CONFIG, settings_overrides)
+    g = build_generator(GeneratorSettings(1, 8, 4))
+    d = build_discriminator(32, features=8)
+    model = TransferGAN(g, d, build_feature_extractor("none"), cfg.train, global_batch=4)
+    model.build_optimizers()
+    model.compile()
+    return model
+
+
+def fixed_batch():
+    rng = np.random.default_rng(0)
+    hr = rng.random((4, 32, 32, 1)).astype("float32")
+    lr = hr.reshape(4, 8, 4, 8, 4, 1).mean(axis=(2, 4))
+    return {"lr": tf.constant(lr), "hr": tf.constant(hr)}
+
+
+def test_each_phase_lowers_its_loss_on_a_fixed_batch():
+    model = tiny_gan(["train.l1_phase.learning_rate=1e-3", "train.gan_phase.learning_rate=1e-3"])
+    batch = fixed_batch()
+
+    def run(steps):
+        step = tf.function(model.train_step)
+        history = []
+        for _ in range(steps):
+            [m.reset_state() for m in model.metrics]
+            history.append({k: float(v) for k, v in step(batch).items()})
+        return history
+
+    l1 = run(25)
+    assert l1[-1]["l1"] < 0.7 * l1[0]["l1"]
+    model.gan_phase = True
+    gan = run(25)
+    # G's content terms and D's relativistic loss both fall; G's adversarial term is a
+    # game against a D that is learning, so it is not expected to fall on its own.
+    content = [h["g_loss"] - 5e-3 * h["g_adversarial"] for h in gan]
+    assert content[-1] < content[0]
+    assert gan[-1]["d_loss"] < gan[0]["d_loss"]
+
+
+def test_train_export_and_plain_tensorflow_reload(converted, tiny_config, tmp_path):
+    out, _ = converted
+    cfg = load_config(tiny_config)
+    result = train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "models",
+                         runs_dir=tmp_path / "runs")
+    assert result.steps == 8 and result.export_dir == tmp_path / "models/ncct/1"
+    meta = export.read_metadata(result.export_dir)
+    assert meta["stage"] == "ncct" and meta["parent"] is None and meta["window"] == {"center": 40.0, "width": 80.0}
+    assert list((tmp_path / "runs").glob("ncct-*/tensorboard/events.out.tfevents.*"))
+
+    # In memory: load the generator weights back and compare with plain TensorFlow in a new process.
+    g = build_generator(GeneratorSettings(1, 8, 4))
+    export.warm_start(g, build_discriminator(32, features=8), result.export_dir)
+    x = np.random.default_rng(1).random((2, 12, 10, 1)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        f"m = tf.saved_model.load({str(result.export_dir)!r})\n"
+        "f = m.signatures['serving_default']\n"
+        f"y = f(lr=tf.constant(np.load({str(tmp_path / 'x.npy')!r})))['sr'].numpy()\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
+        "assert not [k for k in sys.modules if k.startswith('tfgan_ct')]\n")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path,
+                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""})
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (2, 48, 40, 1)
+    np.testing.assert_allclose(y, np.clip(g(x).numpy(), 0, 1), atol=1e-6)
+
+
+def test_warm_start_reproduces_parent_and_refuses_mismatch(converted, tiny_config, tmp_path):
+    out, _ = converted
+    models = tmp_path / "models"
+    cfg = load_config(tiny_config)
+    parent = train_stage("ncct", out, cfg, warm_start="none", models_dir=models, runs_dir=tmp_path / "runs")
+    zero = load_config(tiny_config, ["train.l1_phase.steps=0", "train.gan_phase.steps=0"])
+    child = train_stage("ctp", out, zero, warm_start="ncct", models_dir=models, runs_dir=tmp_path / "runs")
+    assert export.read_metadata(child.export_dir)["parent"] == "ncct"
+    a = tf.saved_model.load(str(parent.export_dir))
+    b = tf.saved_model.load(str(child.export_dir))
+    for name in ("generator_variables", "discriminator_variables"):
+        for va, vb in zip(getattr(a, name), getattr(b, name)):
+            np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    wider = load_config(tiny_config, ["model.features=16"])
+    with pytest.raises(export.ExportError, match="variable 'conv_first/kernel' has shape"):
+        train_stage("cta", out, wider, warm_start="ncct", models_dir=models, runs_dir=tmp_path / "runs")
+
+
+def test_missing_parent_says_which_command_makes_it(converted, tiny_config, tmp_path):
+    out, _ = converted
+    with pytest.raises(TrainingError, match="tfgan-ct train --stage ncct"):
+        train_stage("ctp", out, load_config(tiny_config), models_dir=tmp_path / "none")
+
+
+def test_mirrored_strategy_matches_single_device(tmp_path):
+    """One L1 step on two logical CPUs gives the same weights as on one device."""
+    script = f"""
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import sys; sys.path.insert(0, {str(REPO / 'tests')!r})
+from test_train import tiny_gan, fixed_batch
+import keras
+batch = fixed_batch()
+keras.utils.set_random_seed(0)
+single = tiny_gan()
+keras.utils.set_random_seed(0)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    mirrored = tiny_gan()
+assert strategy.num_replicas_in_sync == 2
+single.fit(tf.data.Dataset.from_tensors(batch).repeat(), steps_per_epoch=3, verbose=0)
+ds = tf.data.Dataset.from_tensors(batch).unbatch().batch(4).repeat()
+mirrored.fit(ds, steps_per_epoch=3, verbose=0)
+diff = max(float(np.abs(a - b).max()) for a, b in zip(single.generator.get_weights(), mirrored.generator.get_weights()))
+moved = max(float(np.abs(a).max()) for a in single.generator.get_weights())
+print("max weight difference", diff)
+assert diff < 1e-5, diff
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_multi_worker_training_on_loopback(converted, tiny_config, tmp_path):
+    out, _ = converted
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    procs = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tfgan_ct.cli", "train", "--stage", "ncct", "--data", str(out),
+             "--warm-start", "none", "--config", str(tiny_config), "--models-dir", str(tmp_path / f"models{index}"),
+             "--runs-dir", str(tmp_path / f"runs{index}")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_CONFIG": json.dumps(tf_config)}))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+    assert "MultiWorkerMirroredStrategy" in outputs[0]
+    assert (tmp_path / "models0/ncct/1/saved_model.pb").is_file()
+
+
+def test_killed_run_resumes_from_checkpoint(converted, tiny_config, tmp_path):
+    out, _ = converted
+    args = ["train", "--stage", "ncct", "--data", str(out), "--warm-start", "none", "--config", str(tiny_config),
+            "--set", "train.l1_phase.steps=400", "--set", "train.checkpoint_every=5",
+            "--set", "train.log_every=5", "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.Popen([sys.executable, "-m", "tfgan_ct.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tmp_path.glob("runs/ncct-*/checkpoints/ckpt-1[05].index")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob("runs/ncct-*/checkpoints/ckpt-*.index")), "no checkpoint before the kill"
+    assert not (tmp_path / "models/ncct").exists() or not export.versions(tmp_path / "models/ncct")
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stderr and "from its checkpoint at step" in result.stderr
+    assert "ncct: 404 steps" in result.stdout
+    assert export.versions(tmp_path / "models/ncct") == [1]
