@@ -73,7 +73,7 @@ def test_each_phase_lowers_its_loss_on_a_fixed_batch():
         history = []
         for _ in range(steps):
             [m.reset_state() for m in model.metrics]
-            history.append({k: float(v) for k, v in step(batch).items()})
+            history.append({k: float(v[0]) for k, v in step(batch).items()})
         return history
 
     l1 = run(25)

@@ -132,8 +132,8 @@ def train_dataset(data_dir: str | Path, modality: str, cfg: Config,
     options = tf.data.Options()
     if input_context is not None:
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    else:
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.FILE
+    else:  # by file when there are at least as many files as workers, else by record
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.AUTO
     return ds.with_options(options).prefetch(AUTOTUNE)
 
 

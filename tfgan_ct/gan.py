@@ -81,6 +81,15 @@ class TransferGAN(keras.Model):
         self.g_optimizer.build(self.generator.trainable_variables)
         self.d_optimizer.build(self.discriminator.trainable_variables)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Nothing to build: networks, optimizers and metrics all exist before `fit`.
+
+        Keras 3 (up to at least 3.15) would otherwise reduce the first
+        distributed batch with `strategy.reduce`, which
+        MultiWorkerMirroredStrategy cannot do for a dict of tensors.
+        """
+        return
+
     @property
     def step(self) -> tf.Variable:
         """Generator updates so far (the global step; D updates only in the GAN phase)."""
@@ -102,7 +111,9 @@ class TransferGAN(keras.Model):
             self._gan_step(lr, hr)
         else:
             self._l1_step(lr, hr)
-        return {name: m.result() for name, m in self.trackers.items()
+        # Shape [1], not scalars: Keras 3 reduces step outputs over workers of a
+        # MultiWorkerMirroredStrategy with a mean along axis 0.
+        return {name: tf.reshape(m.result(), [1]) for name, m in self.trackers.items()
                 if self.gan_phase or name in ("g_loss", "l1")}
 
     def _apply(self, optimizer, tape, loss, variables) -> None:

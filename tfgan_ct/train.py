@@ -167,8 +167,9 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
 
     total = tc.l1_phase.steps + tc.gan_phase.steps
     seed = tc.seed + resumed  # a resumed run continues with a fresh, reproducible data order
-    dataset = strategy.distribute_datasets_from_function(
-        lambda ctx: data.train_dataset(data_dir, modality, cfg, input_context=ctx, seed=seed))
+    # Keras distributes the global batch over the replicas (and the shard files
+    # over the workers: auto-shard policy AUTO, by file when there are enough).
+    dataset = data.train_dataset(data_dir, modality, cfg, seed=seed)
     watcher = StepWatcher(model, manager, run_dir, cfg, data_dir, modality, total, strategy)
     for gan_phase, end in ((False, tc.l1_phase.steps), (True, total)):
         start = int(model.step.numpy())
@@ -180,7 +181,7 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
         log.info("%s phase: steps %d-%d", "GAN" if gan_phase else "L1", start + 1, end)
         chunk = max(1, min(tc.log_every, end - start))
         model.fit(dataset, steps_per_epoch=chunk, epochs=math.ceil((end - start) / chunk),
-                  verbose=0, callbacks=[watcher])
+                  verbose=0, shuffle=False, callbacks=[watcher])
         if watcher.error:
             raise TrainingError(watcher.error)
     steps = int(model.step.numpy())
@@ -191,18 +192,31 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
             "data_manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
             "config": cfg.to_dict()}
     window = cfg.modalities.get(modality).window
+    if not is_chief(strategy):  # every worker must save; only the chief's export is kept
+        scratch = run_dir / ".export-scratch"
+        export.export_stage(generator, discriminator, scratch, stage, window, manifest["scale"], meta)
+        shutil.rmtree(scratch, ignore_errors=True)
+        return TrainResult(run_dir, models_dir / stage, steps, resumed)
     out = export.export_stage(generator, discriminator, models_dir, stage, window, manifest["scale"], meta)
     log.info("exported %s", out)
     atomic_write_text(run_dir / "exported.json", json.dumps({"export_dir": str(out), "steps": steps}) + "\n")
     return TrainResult(run_dir, out, steps, resumed)
 
 
+def is_chief(strategy) -> bool:
+    """True unless this is a non-chief worker of a multi-worker run."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type in (None, "chief"):
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and \
+        "chief" not in resolver.cluster_spec().as_dict()
+
+
 def _checkpoint_dir(run_dir: Path, strategy) -> Path:
     """Checkpoints of the chief; other workers write theirs to a scratch folder (MWMS needs all to save)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or resolver.task_type in (None, "chief") or (
-            resolver.task_type == "worker" and resolver.task_id == 0):
+    if is_chief(strategy):
         return run_dir / "checkpoints"
+    resolver = strategy.cluster_resolver
     return run_dir / f".checkpoints-{resolver.task_type}{resolver.task_id}"
 
 
@@ -214,7 +228,8 @@ class StepWatcher(keras.callbacks.Callback):
         self.gan, self.manager, self.cfg, self.total = model, manager, cfg, total
         self.phase_end = total
         self.error: str | None = None
-        self.writer = tf.summary.create_file_writer(str(run_dir / "tensorboard"))
+        tensorboard = run_dir / ("tensorboard" if is_chief(strategy) else ".tensorboard-worker")
+        self.writer = tf.summary.create_file_writer(str(tensorboard))
         self.val = list(data.eval_dataset(data_dir, "validation", modality, cfg)
                         .take(cfg.train.eval_slices)) if _has_split(data_dir, "validation", modality) else []
         self.t0, self.s0 = time.perf_counter(), None
@@ -223,7 +238,7 @@ class StepWatcher(keras.callbacks.Callback):
         step = int(self.gan.step.numpy())
         if self.s0 is None:
             self.s0, self.t0 = step - 1, time.perf_counter()
-        logs = {k: float(v) for k, v in (logs or {}).items()}
+        logs = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in (logs or {}).items()}
         bad = [k for k, v in logs.items() if not math.isfinite(v)]
         if bad:
             last = self.manager.latest_checkpoint or "none"
