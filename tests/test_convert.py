@@ -156,7 +156,7 @@ def test_nothing_usable_fails(shared_data, tmp_path):
 
 def test_interrupted_run_leaves_nothing(phantom_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = convert_mod._write_slice
+    real = convert_mod._write_records
 
     def failing(*args):
         calls["n"] += 1
@@ -164,7 +164,7 @@ def test_interrupted_run_leaves_nothing(phantom_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(convert_mod, "_write_slice", failing)
+    monkeypatch.setattr(convert_mod, "_write_records", failing)
     with pytest.raises(KeyboardInterrupt):
         convert_mod.convert([phantom_dir], tmp_path / "o", load_config(SMALL_CONFIG), workers=1,
                             progress=False)

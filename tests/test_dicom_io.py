@@ -91,3 +91,22 @@ def test_dicomdir_is_followed(tmp_path, shared_data):
     files = list(dicom_io.iter_files([tmp_path / "media"]))
     assert len(files) == 2 and all(f.name != "DICOMDIR" for f in files)
     assert all(isinstance(dicom_io.frames_of(f), list) for f in files)
+
+
+def test_fast_native_path_equals_pydicom(shared_data, phantom_dir):
+    paths = [shared_data / "dicom/head-ncct/pydicom-data_693_UNCR.dcm",
+             shared_data / "dicom/head-ncct/DICOMSamples_CT_Explicit_Little.dcm",
+             shared_data / "dicom/cta/dwv_osirix-goudurix.dcm",
+             shared_data / "dicom/encodings/pydicom-data_eCT_Supplemental.dcm",
+             *[sorted(patient.rglob("*.dcm"))[0] for patient in sorted(phantom_dir.iterdir())]]
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        fast = dicom_io._native_pixels(ds)
+        assert fast is not None, path
+        reference = ds.pixel_array
+        np.testing.assert_array_equal(fast, reference.reshape(fast.shape), err_msg=str(path))
+
+
+def test_header_pass_does_not_read_pixels(shared_data):
+    frames = dicom_io.frames_of(shared_data / "dicom/bad/truncated_pixeldata.dcm")
+    assert isinstance(frames, list)  # the header is fine; the pixels fail later, in read_hu

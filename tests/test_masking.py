@@ -53,3 +53,20 @@ def test_real_head_slice(shared_data):
     assert 0.2 < frac < 0.5, frac                       # a brain, not the whole head or nothing
     assert np.median(hu[mask]) > 15 and np.median(hu[mask]) < 60  # brain tissue HU
     assert not mask[0].any() and not mask[:, 0].any()   # background corners out
+
+
+def test_fast_morphology_equals_scipy():
+    from scipy import ndimage
+
+    from tfgan_ct.masking import dilate, erode, fill_holes
+
+    rng = np.random.default_rng(0)
+    m = ndimage.gaussian_filter(rng.random((80, 90)), 2) > 0.5
+    cross = ndimage.generate_binary_structure(2, 1)
+    for r in (1, 2, 3):
+        np.testing.assert_array_equal(erode(m, r), ndimage.binary_erosion(m, cross, iterations=r))
+        np.testing.assert_array_equal(dilate(m, r), ndimage.binary_dilation(m, cross, iterations=r))
+    np.testing.assert_array_equal(fill_holes(m), ndimage.binary_fill_holes(m))
+    y, x = np.mgrid[-2:3, -2:3]
+    disk2 = x * x + y * y <= 4
+    np.testing.assert_array_equal(dilate(m, 2), ndimage.binary_dilation(m, disk2))

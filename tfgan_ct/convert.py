@@ -11,6 +11,7 @@ like a finished dataset.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -61,6 +62,15 @@ class SliceResult:
     lr: np.ndarray
     mask: np.ndarray
     pixel_spacing: tuple[float, float]
+
+
+@dataclass
+class SliceRecords:
+    """What a worker returns for one slice: its serialised records (none if no brain)."""
+
+    slice_index: int
+    records: list[bytes]
+    has_brain: bool
 
 
 @dataclass
@@ -146,11 +156,25 @@ class _InProcess:
         return False
 
 
+# One BLAS/OpenMP thread per worker: the pool already uses every core, and
+# oversubscribed BLAS threads made conversion four times slower.
+_WORKER_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 def _pool(workers: int):
     if workers <= 1:
         return _InProcess()
-    # spawn: workers must not inherit TensorFlow's threads from the parent.
-    return multiprocessing.get_context("spawn").Pool(workers)
+    saved = {name: os.environ.get(name) for name in _WORKER_ENV}
+    os.environ.update(_WORKER_ENV)
+    try:
+        # spawn: workers must not inherit TensorFlow's threads from the parent.
+        return multiprocessing.get_context("spawn").Pool(workers)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _file_log(path: Path) -> logging.Handler:
@@ -239,19 +263,20 @@ class _Task:
     plan_index: int
     # (slice index, candidate files (first, then duplicates), frame, pixel spacing)
     items: list[tuple[int, tuple[str, ...], int, tuple[float, float] | None]]
-    modality: str
+    meta: RecordMeta  # modality, split, patient and series of every record
     cfg: Config
 
 
 def _tasks(plans: list[SeriesPlan], cfg: Config) -> Iterator[_Task]:
     for p, plan in enumerate(plans):
         items = [(i, (f.path, *f.duplicates), f.frame, f.pixel_spacing) for i, f in enumerate(plan.frames)]
+        meta = RecordMeta(plan.modality, plan.split, plan.patient_hash, plan.series_hash, 0)
         for start in range(0, len(items), CHUNK):
-            yield _Task(p, items[start:start + CHUNK], plan.modality, cfg)
+            yield _Task(p, items[start:start + CHUNK], meta, cfg)
 
 
-def process_task(task: _Task) -> tuple[int, list[SliceResult], list[dicom_io.Skipped]]:
-    """Worker: decode, mask and resize the slices of one task.
+def process_task(task: _Task) -> tuple[int, list[SliceRecords], list[dicom_io.Skipped]]:
+    """Worker: decode, mask, resize and serialise the slices of one task.
 
     Files are tried in order (an image stored twice has a second chance);
     every file that failed, or was not needed, comes back as a Skipped line.
@@ -271,7 +296,9 @@ def process_task(task: _Task) -> tuple[int, list[SliceResult], list[dicom_io.Ski
             skipped.extend(dicom_io.Skipped(other, f"duplicate image (same SOP instance as {path})")
                            for other in candidates[n + 1:])
             for (index, _, _, spacing), hu in zip(items, images):
-                results.append(prepare_slice(hu, index, spacing, task.modality, task.cfg))
+                result = prepare_slice(hu, index, spacing, task.meta.modality, task.cfg)
+                results.append(SliceRecords(index, slice_records(result, task.meta, task.cfg),
+                                            bool(result.mask.any())))
             break
     results.sort(key=lambda r: r.slice_index)
     return task.plan_index, results, skipped
@@ -288,8 +315,9 @@ def prepare_slice(hu: np.ndarray, index: int, spacing, modality: str, cfg: Confi
     hu = hu[: hu.shape[0] - hu.shape[0] % s, : hu.shape[1] - hu.shape[1] % s]
     mask = brain_mask(hu, settings.mask_hu, cfg.convert.mask)
     masked = apply_mask(hu, mask, settings.window.floor)
-    hr = np.clip(np.rint(masked), -32768, 32767).astype(np.int16)
-    lr = resize.downscale(hr.astype(np.float64), s).astype(np.float32)
+    np.rint(masked, out=masked)
+    hr = np.clip(masked, -32768, 32767, out=masked).astype(np.int16)
+    lr = resize.downscale(hr, s).astype(np.float32)
     return SliceResult(index, hr, lr, mask, tuple(spacing) if spacing else (0.0, 0.0))
 
 
@@ -313,7 +341,7 @@ def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summar
         if key not in writers:
             writers[key] = ShardWriter(stage, plan.split, plan.modality, cfg.convert.shard_size)
         for result in results:
-            _write_slice(result, plan, cfg, writers[key], summary)
+            _write_records(result, key, writers[key], summary)
         bar.update(len(results))
     bar.close()
     shards: dict[str, list[dict]] = {split: [] for split in splits.SPLITS}
@@ -322,32 +350,42 @@ def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summar
     return shards
 
 
-def _write_slice(result: SliceResult, plan: SeriesPlan, cfg: Config, writer: ShardWriter,
-                 summary: Summary) -> None:
-    """Write one slice: patches for train, the whole slice for validation/test."""
-    if not result.mask.any():
+def _write_records(result: SliceRecords, key: tuple[str, str], writer: ShardWriter,
+                   summary: Summary) -> None:
+    if not result.has_brain:
         summary.empty_slices += 1
         return
-    key = (plan.split, plan.modality)
     summary.slices[key] += 1
-    meta = RecordMeta(plan.modality, plan.split, plan.patient_hash, plan.series_hash,
-                      result.slice_index, pixel_spacing=result.pixel_spacing)
+    for record in result.records:
+        writer.write(record)
+    summary.records[key] += len(result.records)
+
+
+def slice_records(result: SliceResult, meta: RecordMeta, cfg: Config) -> list[bytes]:
+    """Serialised records of one slice: patches for train, the whole slice otherwise.
+
+    Training patches (HR `patch_size`, `patch_stride` apart) are kept when more
+    than `min_mask_fraction` of them is brain; their LR is the matching window
+    of the whole slice's LR. Slices without brain give no records.
+    """
+    if not result.mask.any():
+        return []
+    meta = dataclasses.replace(meta, slice_index=result.slice_index, pixel_spacing=result.pixel_spacing)
     s = cfg.convert.scale
-    if plan.split != "train":
-        writer.write(encode(result.hr, result.lr, result.mask, meta, s))
-        summary.records[key] += 1
-        return
+    if meta.split != "train":
+        return [encode(result.hr, result.lr, result.mask, meta, s)]
     size, stride = cfg.convert.patch_size, cfg.convert.patch_stride
     height, width = result.hr.shape
+    records = []
     for y in range(0, height - size + 1, stride):
         for x in range(0, width - size + 1, stride):
             mask = result.mask[y:y + size, x:x + size]
             if mask.mean() <= cfg.convert.min_mask_fraction:
                 continue
-            patch_meta = RecordMeta(**{**meta.__dict__, "patch_y": y, "patch_x": x})
             lr = result.lr[y // s:(y + size) // s, x // s:(x + size) // s]
-            writer.write(encode(result.hr[y:y + size, x:x + size], lr, mask, patch_meta, s))
-            summary.records[key] += 1
+            records.append(encode(result.hr[y:y + size, x:x + size], lr, mask,
+                                  dataclasses.replace(meta, patch_y=y, patch_x=x), s))
+    return records
 
 
 def build_manifest(plans: list[SeriesPlan], shards: dict[str, list[dict]], summary: Summary,

@@ -49,29 +49,60 @@ class RecordMeta:
 
 
 def encode(hr: np.ndarray, lr: np.ndarray, mask: np.ndarray, meta: RecordMeta, scale: int) -> bytes:
-    """Serialise one record. hr: int16 HU (H, W); lr: float32 HU (H/scale, W/scale); mask: bool (H, W)."""
-    import tensorflow as tf
+    """Serialise one record. hr: int16 HU (H, W); lr: float32 HU (H/scale, W/scale); mask: bool (H, W).
 
+    The `tf.train.Example` protobuf is written directly (fields in a fixed
+    order, so output is byte-for-byte reproducible) without importing
+    TensorFlow, which lets the conversion workers encode in parallel.
+    `decode_numpy` and `tf.io.parse_example` read it back.
+    """
     if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
         raise ValueError(f"LR shape {lr.shape} is not HR shape {hr.shape} / {scale}")
+    features = [
+        ("hr", _bytes_feature(np.ascontiguousarray(hr, dtype="<i2").tobytes())),
+        ("lr", _bytes_feature(np.ascontiguousarray(lr, dtype="<f4").tobytes())),
+        ("mask", _bytes_feature(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())),
+        ("height", _int_feature(hr.shape[0])), ("width", _int_feature(hr.shape[1])),
+        ("scale", _int_feature(scale)),
+        ("modality", _bytes_feature(meta.modality.encode())), ("split", _bytes_feature(meta.split.encode())),
+        ("patient", _bytes_feature(meta.patient.encode())), ("series", _bytes_feature(meta.series.encode())),
+        ("slice_index", _int_feature(meta.slice_index)),
+        ("patch_y", _int_feature(meta.patch_y)), ("patch_x", _int_feature(meta.patch_x)),
+        ("pixel_spacing", _float_feature(meta.pixel_spacing)),
+    ]
+    entries = b"".join(_field(1, _field(1, key.encode()) + _field(2, value)) for key, value in features)
+    return _field(1, entries)  # Example.features = 1 (Features.feature map entries = 1)
 
-    def b(value: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
 
-    def i(value: int) -> tf.train.Feature:
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+def _varint(value: int) -> bytes:
+    """Protobuf base-128 varint (negative int64 as its 64-bit two's complement)."""
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
-    feature = {
-        "hr": b(np.ascontiguousarray(hr, dtype="<i2").tobytes()),
-        "lr": b(np.ascontiguousarray(lr, dtype="<f4").tobytes()),
-        "mask": b(np.ascontiguousarray(mask, dtype=np.uint8).tobytes()),
-        "height": i(hr.shape[0]), "width": i(hr.shape[1]), "scale": i(scale),
-        "modality": b(meta.modality.encode()), "split": b(meta.split.encode()),
-        "patient": b(meta.patient.encode()), "series": b(meta.series.encode()),
-        "slice_index": i(meta.slice_index), "patch_y": i(meta.patch_y), "patch_x": i(meta.patch_x),
-        "pixel_spacing": tf.train.Feature(float_list=tf.train.FloatList(value=list(meta.pixel_spacing))),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _bytes_feature(value: bytes) -> bytes:
+    return _field(1, _field(1, value))                      # Feature.bytes_list = 1 {value = 1}
+
+
+def _float_feature(values) -> bytes:
+    return _field(2, _field(1, np.asarray(values, "<f4").tobytes()))  # float_list = 2, packed
+
+
+def _int_feature(value: int) -> bytes:
+    return _field(3, _field(1, _varint(int(value))))        # int64_list = 3, packed
 
 
 def decode_numpy(record: bytes) -> dict:
