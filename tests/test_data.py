@@ -59,3 +59,17 @@ def test_missing_dataset_and_modality(tmp_path, converted, small_cfg):
     out, _ = converted
     with pytest.raises(data.DataError, match="no train shards of modality 'natural'"):
         data.shard_files(out, "train", "natural")
+
+
+def test_augmentation_reaches_all_eight_transforms():
+    patch = np.arange(64, dtype=np.float32).reshape(1, 8, 8, 1)
+    hr = np.repeat(np.kron(patch, np.ones((1, 4, 4, 1), np.float32)), 128, axis=0)
+    lr = np.repeat(patch, 128, axis=0)
+    lr_a, hr_a = data.augment(tf.constant(lr), tf.constant(hr), seed=5)
+    variants = {a.tobytes() for a in lr_a.numpy()}
+    expected = set()
+    for k in range(4):
+        rotated = np.rot90(patch[0, ..., 0], k)
+        expected |= {rotated.tobytes(), np.fliplr(rotated).copy().tobytes()}
+    assert variants == {np.ascontiguousarray(e).tobytes() for e in map(
+        lambda b: np.frombuffer(b, np.float32).reshape(8, 8), expected)}

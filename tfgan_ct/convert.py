@@ -16,6 +16,7 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -163,6 +164,13 @@ _WORKER_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
 
 def _pool(workers: int):
     if workers <= 1:
+        return _InProcess()
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is not None and not Path(main_file).is_file():
+        # Spawned workers re-import the main module; from `python - < script` they
+        # cannot, and a pool of workers that die at start would wait forever.
+        log.warning("running in one process: the main script %s cannot be re-imported by "
+                    "worker processes", main_file)
         return _InProcess()
     saved = {name: os.environ.get(name) for name in _WORKER_ENV}
     os.environ.update(_WORKER_ENV)
