@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -65,6 +66,7 @@ def fixed_batch():
 
 
 def test_each_phase_lowers_its_loss_on_a_fixed_batch():
+    keras.utils.set_random_seed(1)
     model = tiny_gan(["train.l1_phase.learning_rate=1e-3", "train.gan_phase.learning_rate=1e-3"])
     batch = fixed_batch()
 
@@ -79,12 +81,12 @@ def test_each_phase_lowers_its_loss_on_a_fixed_batch():
     l1 = run(25)
     assert l1[-1]["l1"] < 0.7 * l1[0]["l1"]
     model.gan_phase = True
-    gan = run(25)
+    gan = run(30)
     # G's content terms and D's relativistic loss both fall; G's adversarial term is a
     # game against a D that is learning, so it is not expected to fall on its own.
     content = [h["g_loss"] - 5e-3 * h["g_adversarial"] for h in gan]
-    assert content[-1] < content[0]
-    assert gan[-1]["d_loss"] < gan[0]["d_loss"]
+    assert np.mean(content[-5:]) < np.mean(content[:5])
+    assert np.mean([h["d_loss"] for h in gan[-5:]]) < np.mean([h["d_loss"] for h in gan[:5]])
 
 
 def test_train_export_and_plain_tensorflow_reload(converted, tiny_config, tmp_path):
