@@ -220,3 +220,21 @@ def test_killed_run_resumes_from_checkpoint(converted, tiny_config, tmp_path):
     assert "resuming" in result.stderr and "from its checkpoint at step" in result.stderr
     assert "ncct: 404 steps" in result.stdout
     assert export.versions(tmp_path / "models/ncct") == [1]
+
+
+def test_non_finite_loss_stops_with_a_clear_message(converted, tiny_config, tmp_path, monkeypatch):
+    from tfgan_ct import train as train_mod
+
+    out, _ = converted
+    real = train_mod.data.train_dataset
+
+    def poisoned(*args, **kwargs):  # finite for 3 steps, then NaN
+        ds = real(*args, **kwargs)
+        bad = ds.map(lambda b: {"lr": b["lr"] * float("nan"), "hr": b["hr"]})
+        return ds.take(3).concatenate(bad)
+
+    monkeypatch.setattr(train_mod.data, "train_dataset", poisoned)
+    cfg = load_config(tiny_config, ["train.checkpoint_every=2", "train.log_every=1"])
+    with pytest.raises(TrainingError, match=r"non-finite .* at step 4; stopped. The last good checkpoint is .*ckpt-2"):
+        train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "models", runs_dir=tmp_path / "runs")
+    assert not (tmp_path / "models/ncct").exists() or not export.versions(tmp_path / "models/ncct")
