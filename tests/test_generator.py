@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tfgan_ct.generator import GeneratorSettings, build_generator, flops_per_lr_pixel
+from tfgan_ct.generator import build_generator, flops_per_lr_pixel
 
 
 def test_paper_parameter_count():
@@ -11,13 +11,13 @@ def test_paper_parameter_count():
 
 @pytest.mark.parametrize("h, w", [(8, 8), (7, 13), (16, 5)])
 def test_output_is_four_times_input(h, w):
-    g = build_generator(GeneratorSettings(num_blocks=1, features=8, growth=4))
+    g = build_generator(num_blocks=1, features=8, growth=4)
     out = g(np.random.rand(2, h, w, 1).astype("float32"))
     assert tuple(out.shape) == (2, 4 * h, 4 * w, 1)
 
 
 def test_dense_block_init_is_scaled_he():
-    g = build_generator(GeneratorSettings(num_blocks=2, features=64, growth=32))
+    g = build_generator(num_blocks=2, features=64, growth=32)
     kernel = {v.path: v.numpy() for v in g.weights}["rrdb00/rdb1/conv5/kernel"]
     fan_in = 3 * 3 * (64 + 4 * 32)
     assert kernel.std() == pytest.approx(0.1 * np.sqrt(2.0 / fan_in), rel=0.05)
@@ -30,6 +30,6 @@ def test_flops_per_lr_pixel():
 
 
 def test_variable_paths_are_unique():
-    g = build_generator(GeneratorSettings(num_blocks=2, features=8, growth=4))
+    g = build_generator(num_blocks=2, features=8, growth=4)
     paths = [v.path for v in g.variables]
     assert len(paths) == len(set(paths)) and "rrdb01/rdb3/conv4/kernel" in paths

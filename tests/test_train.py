@@ -20,7 +20,7 @@ from tfgan_ct import export
 from tfgan_ct.config import load_config
 from tfgan_ct.discriminator import build_discriminator
 from tfgan_ct.gan import TransferGAN
-from tfgan_ct.generator import GeneratorSettings, build_generator
+from tfgan_ct.generator import build_generator
 from tfgan_ct.train import TrainingError, train_stage
 from tfgan_ct.vgg import build_feature_extractor
 from conftest import REPO, SMALL_CONFIG
@@ -50,7 +50,7 @@ def run_cli(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
 
 def tiny_gan(settings_overrides=()):
     cfg = load_config(SMALL_CONFIG, settings_overrides)
-    g = build_generator(GeneratorSettings(1, 8, 4))
+    g = build_generator(1, 8, 4)
     d = build_discriminator(32, features=8)
     model = TransferGAN(g, d, build_feature_extractor("none"), cfg.train, global_batch=4)
     model.build_optimizers()
@@ -100,7 +100,7 @@ def test_train_export_and_plain_tensorflow_reload(converted, tiny_config, tmp_pa
     assert list((tmp_path / "runs").glob("ncct-*/tensorboard/events.out.tfevents.*"))
 
     # In memory: load the generator weights back and compare with plain TensorFlow in a new process.
-    g = build_generator(GeneratorSettings(1, 8, 4))
+    g = build_generator(1, 8, 4)
     export.warm_start(g, build_discriminator(32, features=8), result.export_dir)
     x = np.random.default_rng(1).random((2, 12, 10, 1)).astype("float32")
     np.save(tmp_path / "x.npy", x)

@@ -21,23 +21,10 @@ biases start at zero (PyTorch draws them uniformly: a deliberate simplification)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import keras
 from keras import layers
 
 RESIDUAL_SCALE = 0.2
-
-
-@dataclass
-class GeneratorSettings:
-    """RRDBNet size (paper: 23 blocks, 64 features, 32 growth channels, x4)."""
-
-    num_blocks: int = 23
-    features: int = 64
-    growth: int = 32
-    scale: int = 4
-    channels: int = 1
 
 
 def _he_scaled() -> keras.initializers.Initializer:
@@ -103,30 +90,34 @@ class RRDB(layers.Layer):
         return {**super().get_config(), "features": self.features, "growth": self.growth}
 
 
-def build_generator(settings: GeneratorSettings | None = None, name: str = "generator") -> keras.Model:
-    """RRDBNet as a functional Keras model taking [b, h, w, channels] for any h, w."""
-    s = settings or GeneratorSettings()
-    if s.scale not in (2, 4):
-        raise ValueError(f"generator scale {s.scale}: RRDBNet upsamples by 2 or 4")
-    lr = keras.Input((None, None, s.channels), name="lr")
-    features = conv(s.features, "conv_first")(lr)
-    trunk = features
-    for i in range(s.num_blocks):
-        trunk = RRDB(s.features, s.growth, name=f"rrdb{i:02d}")(trunk)
-    x = layers.Add(name="long_skip")([features, conv(s.features, "trunk_conv")(trunk)])
-    for i in range(1, s.scale // 2 + 1):
+def build_generator(num_blocks: int = 23, features: int = 64, growth: int = 32, scale: int = 4,
+                    channels: int = 1, name: str = "generator") -> keras.Model:
+    """RRDBNet as a functional Keras model taking [b, h, w, channels] for any h, w.
+
+    Defaults are the paper's (ESRGAN's) sizes; `model.*` in the config sets them.
+    """
+    if scale not in (2, 4):
+        raise ValueError(f"generator scale {scale}: RRDBNet upsamples by 2 or 4")
+    lr = keras.Input((None, None, channels), name="lr")
+    x = conv(features, "conv_first")(lr)
+    trunk = x
+    for i in range(num_blocks):
+        trunk = RRDB(features, growth, name=f"rrdb{i:02d}")(trunk)
+    x = layers.Add(name="long_skip")([x, conv(features, "trunk_conv")(trunk)])
+    for i in range(1, scale // 2 + 1):
         x = layers.UpSampling2D(2, interpolation="nearest", name=f"upsample{i}")(x)
-        x = layers.LeakyReLU(0.2, name=f"up_act{i}")(conv(s.features, f"up_conv{i}")(x))
-    x = layers.LeakyReLU(0.2, name="hr_act")(conv(s.features, "hr_conv")(x))
-    sr = conv(s.channels, "conv_last")(x)
+        x = layers.LeakyReLU(0.2, name=f"up_act{i}")(conv(features, f"up_conv{i}")(x))
+    x = layers.LeakyReLU(0.2, name="hr_act")(conv(features, "hr_conv")(x))
+    sr = conv(channels, "conv_last")(x)
     return keras.Model(lr, sr, name=name)
 
 
-def flops_per_lr_pixel(settings: GeneratorSettings | None = None) -> float:
-    """Multiply-adds x 2 of one forward pass per LR pixel (convolutions only)."""
-    s = settings or GeneratorSettings()
-    nf, gc = s.features, s.growth
+def flops_per_lr_pixel(num_blocks: int = 23, features: int = 64, growth: int = 32, scale: int = 4,
+                       channels: int = 1) -> float:
+    """Floating-point operations (2 x multiply-adds) of one forward pass per LR pixel (convolutions)."""
+    nf, gc = features, growth
     rdb = sum((nf + i * gc) * gc for i in range(4)) + (nf + 4 * gc) * nf
-    lr_convs = s.channels * nf + s.num_blocks * 3 * rdb + nf * nf
-    hr = nf * nf * 4 + nf * nf * 16 + (nf * nf + nf * s.channels) * s.scale ** 2
-    return 2.0 * 9 * (lr_convs + hr)
+    lr_convs = channels * nf + num_blocks * 3 * rdb + nf * nf           # first, trunk, trunk_conv
+    up_convs = sum(nf * nf * 4 ** i for i in range(1, scale // 2 + 1))  # at 2x (and 4x) resolution
+    hr_convs = (nf * nf + nf * channels) * scale ** 2                   # hr_conv, conv_last
+    return 2.0 * 9 * (lr_convs + up_convs + hr_convs)

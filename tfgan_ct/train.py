@@ -33,7 +33,7 @@ from tfgan_ct.config import Config
 from tfgan_ct.discriminator import build_discriminator
 from tfgan_ct.fileio import atomic_write_text
 from tfgan_ct.gan import TransferGAN
-from tfgan_ct.generator import GeneratorSettings, build_generator
+from tfgan_ct.generator import build_generator
 from tfgan_ct.vgg import build_feature_extractor
 
 log = logging.getLogger("tfgan_ct.train")
@@ -143,8 +143,8 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
     if cfg.data.batch_size % replicas:
         raise TrainingError(f"data.batch_size={cfg.data.batch_size} does not split over {replicas} replicas")
     with strategy.scope():
-        generator = build_generator(GeneratorSettings(cfg.model.num_blocks, cfg.model.features,
-                                                      cfg.model.growth, manifest["scale"]))
+        generator = build_generator(cfg.model.num_blocks, cfg.model.features, cfg.model.growth,
+                                    manifest["scale"])
         discriminator = build_discriminator(patch, features=cfg.model.d_features)
         vgg = build_feature_extractor(cfg.model.vgg_weights)
         model = TransferGAN(generator, discriminator, vgg, tc, global_batch=cfg.data.batch_size)
