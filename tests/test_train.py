@@ -238,3 +238,22 @@ def test_non_finite_loss_stops_with_a_clear_message(converted, tiny_config, tmp_
     with pytest.raises(TrainingError, match=r"non-finite .* at step 4; stopped. The last good checkpoint is .*ckpt-2"):
         train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "models", runs_dir=tmp_path / "runs")
     assert not (tmp_path / "models/ncct").exists() or not export.versions(tmp_path / "models/ncct")
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_steps(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = tiny_gan([f"train.mixed_precision={policy}"])
+        if policy == "mixed_float16":
+            assert isinstance(model.g_optimizer, keras.optimizers.LossScaleOptimizer)
+        assert model.generator.layers[1].compute_dtype == policy.split("_")[1]
+        batch = fixed_batch()
+        step = tf.function(model.train_step)
+        for gan in (False, True):
+            model.gan_phase = gan
+            out = {k: float(v[0]) for k, v in step(batch).items()}
+            assert all(np.isfinite(v) for v in out.values()), out
+        assert model.generator.weights[0].dtype == "float32"  # variables stay float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

@@ -116,17 +116,16 @@ class TransferGAN(keras.Model):
         return {name: tf.reshape(m.result(), [1]) for name, m in self.trackers.items()
                 if self.gan_phase or name in ("g_loss", "l1")}
 
-    def _apply(self, optimizer, tape, loss, variables) -> None:
-        scaled = optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, variables)
-        optimizer.apply(grads, variables)
+    def _apply(self, optimizer, tape, scaled_loss, variables) -> None:
+        """Apply gradients of `scaled_loss` (from `optimizer.scale_loss`, taken inside the tape)."""
+        optimizer.apply(tape.gradient(scaled_loss, variables), variables)
 
     def _l1_step(self, lr, hr) -> None:
         with tf.GradientTape() as tape:
             sr = self.generator(lr, training=True)
             l1 = losses.l1_per_example(sr, hr)
-            loss = self._average(l1)
-        self._apply(self.g_optimizer, tape, loss, self.generator.trainable_variables)
+            scaled = self.g_optimizer.scale_loss(self._average(l1))
+        self._apply(self.g_optimizer, tape, scaled, self.generator.trainable_variables)
         self.trackers["l1"].update_state(l1)
         self.trackers["g_loss"].update_state(l1)
 
@@ -140,16 +139,16 @@ class TransferGAN(keras.Model):
             perceptual = losses.perceptual_per_example(self.vgg, sr, hr)
             adversarial = losses.ragan_g_per_example(real_logits, fake_logits)
             g_total = s.perceptual_weight * perceptual + s.adversarial_weight * adversarial + s.l1_weight * l1
-            g_loss = self._average(g_total)
-        self._apply(self.g_optimizer, tape, g_loss, self.generator.trainable_variables)
+            scaled = self.g_optimizer.scale_loss(self._average(g_total))
+        self._apply(self.g_optimizer, tape, scaled, self.generator.trainable_variables)
 
         sr = tf.stop_gradient(sr)
         with tf.GradientTape() as tape:
             real_logits = self.discriminator(hr, training=True)
             fake_logits = self.discriminator(sr, training=True)
             d_total = losses.ragan_d_per_example(real_logits, fake_logits)
-            d_loss = self._average(d_total)
-        self._apply(self.d_optimizer, tape, d_loss, self.discriminator.trainable_variables)
+            scaled = self.d_optimizer.scale_loss(self._average(d_total))
+        self._apply(self.d_optimizer, tape, scaled, self.discriminator.trainable_variables)
 
         for name, value in (("g_loss", g_total), ("l1", l1), ("perceptual", perceptual),
                             ("g_adversarial", adversarial), ("d_loss", d_total),

@@ -125,10 +125,12 @@ def train_stage(stage: str, data_dir: str | Path, cfg: Config, warm_start: str =
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("tfgan_ct").addHandler(handler)
+    policy = keras.mixed_precision.global_policy()
     try:
         return _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir,
                       strategy or choose_strategy())
     finally:
+        keras.mixed_precision.set_global_policy(policy)
         logging.getLogger("tfgan_ct").removeHandler(handler)
         handler.close()
 
