@@ -29,6 +29,7 @@ from tqdm import tqdm
 from tfgan_ct import dicom_io, modality as modality_rules, resize, splits
 from tfgan_ct.config import Config, ConfigError
 from tfgan_ct.fileio import atomic_write_text, staged_directory
+from tfgan_ct.logs import log_to_file
 from tfgan_ct.masking import apply_mask, brain_mask
 from tfgan_ct.shards import FORMAT, FORMAT_VERSION, MANIFEST, RecordMeta, ShardWriter, encode
 from tfgan_ct.version import __version__
@@ -118,29 +119,25 @@ def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality
     salt = cfg.convert.salt or f"tfgan-ct:{cfg.convert.seed}"
 
     summary = Summary(out=out)
-    with _pool(workers) as pool, staged_directory(out, overwrite=overwrite) as stage:
-        handler = _file_log(stage / "convert.log")
-        try:
-            frames, skipped = scan(inputs, pool, progress)
-            frames = dicom_io.merge_duplicates(frames)
-            summary.skipped.extend(skipped)
-            plans = plan_series(frames, cfg, modality, salt, split_csv)
-            if not plans:
-                raise ConvertError(f"no usable CT images found in {', '.join(map(str, inputs))} "
-                                   f"({len(skipped)} file(s) skipped)")
-            _log_plans(plans, skipped)
-            shards = write_shards(plans, cfg, stage, pool, summary, progress)
-            if not sum(summary.records.values()):
-                raise ConvertError("no usable CT images found: no slice with brain tissue could be converted "
-                                   f"({len(summary.skipped)} file(s) skipped)")
-            summary.seconds = time.perf_counter() - start
-            manifest = build_manifest(plans, shards, summary, cfg, modality, split_csv)
-            atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-            cfg.save(stage / "config.yaml")
-            _log_summary(summary)
-        finally:
-            logging.getLogger("tfgan_ct").removeHandler(handler)
-            handler.close()
+    with _pool(workers) as pool, staged_directory(out, overwrite=overwrite) as stage, \
+            log_to_file(stage / "convert.log"):
+        frames, skipped = scan(inputs, pool, progress)
+        frames = dicom_io.merge_duplicates(frames)
+        summary.skipped.extend(skipped)
+        plans = plan_series(frames, cfg, modality, salt, split_csv)
+        if not plans:
+            raise ConvertError(f"no usable CT images found in {', '.join(map(str, inputs))} "
+                               f"({len(skipped)} file(s) skipped)")
+        _log_plans(plans, skipped)
+        shards = write_shards(plans, cfg, stage, pool, summary, progress)
+        if not sum(summary.records.values()):
+            raise ConvertError("no usable CT images found: no slice with brain tissue could be converted "
+                               f"({len(summary.skipped)} file(s) skipped)")
+        summary.seconds = time.perf_counter() - start
+        manifest = build_manifest(plans, shards, summary, cfg, modality, split_csv)
+        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        cfg.save(stage / "config.yaml")
+        _log_summary(summary)
     return summary
 
 
@@ -183,13 +180,6 @@ def _pool(workers: int):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-
-
-def _file_log(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("tfgan_ct").addHandler(handler)
-    return handler
 
 
 def scan(inputs, pool, progress: bool) -> tuple[list[dicom_io.Frame], list[dicom_io.Skipped]]:

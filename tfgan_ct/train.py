@@ -33,6 +33,7 @@ from tfgan_ct.config import Config
 from tfgan_ct.discriminator import build_discriminator
 from tfgan_ct.fileio import atomic_write_text
 from tfgan_ct.gan import TransferGAN
+from tfgan_ct.logs import log_to_file
 from tfgan_ct.generator import build_generator
 from tfgan_ct.vgg import build_feature_extractor
 
@@ -122,17 +123,13 @@ def train_stage(stage: str, data_dir: str | Path, cfg: Config, warm_start: str =
         return TrainResult(run_dir, Path(info["export_dir"]), info["steps"], info["steps"])
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("tfgan_ct").addHandler(handler)
     policy = keras.mixed_precision.global_policy()
     try:
-        return _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir,
-                      strategy or choose_strategy())
+        with log_to_file(run_dir / "train.log"):
+            return _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir,
+                          strategy or choose_strategy())
     finally:
         keras.mixed_precision.set_global_policy(policy)
-        logging.getLogger("tfgan_ct").removeHandler(handler)
-        handler.close()
 
 
 def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir, strategy) -> TrainResult:
@@ -188,8 +185,8 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
             raise TrainingError(watcher.error)
     steps = int(model.step.numpy())
     manager.save(checkpoint_number=steps)
-    meta = {"parent": export.read_metadata(parent).get("stage") if parent else None,
-            "parent_version": export.read_metadata(parent).get("version") if parent else None,
+    parent_meta = export.read_metadata(parent) if parent else {}
+    meta = {"parent": parent_meta.get("stage"), "parent_version": parent_meta.get("version"),
             "parent_path": str(parent) if parent else None, "steps": steps, "modality": modality,
             "data_manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
             "config": cfg.to_dict()}
