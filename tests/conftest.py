@@ -55,3 +55,20 @@ def converted(tmp_path_factory, phantom_dir, shared_data):
                                        "--workers", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
     return out, result
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """`saved_models`-style folder with an untrained tiny `ncct` export (1 RRDB block, 8 features).
+
+    Returns the models folder; the export is `<folder>/ncct/1`.
+    """
+    from tfgan_ct.config import Window
+    from tfgan_ct.discriminator import build_discriminator
+    from tfgan_ct.export import export_stage
+    from tfgan_ct.generator import build_generator
+
+    models = tmp_path_factory.mktemp("models")
+    export_stage(build_generator(num_blocks=1, features=8, growth=4), build_discriminator(32, features=8),
+                 models, "ncct", Window(40, 80), 4, {"parent": None})
+    return models

@@ -133,5 +133,184 @@ def train(stage, data_dir, warm_start, models_dir, runs_dir, gpus, restart, cfg)
     click.echo(f"{stage}: {result.steps} steps; run {result.run_dir}; export {result.export_dir}")
 
 
+def _window_option(value: str | None):
+    """--window C,W as a Window (None when not given)."""
+    if value is None:
+        return None
+    from tfgan_ct.config import Window
+
+    try:
+        center, width = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected CENTER,WIDTH in HU, e.g. 40,80; got {value!r}") from None
+    if width <= 0:
+        raise click.BadParameter(f"window width must be positive, got {width:g}")
+    return Window(center, width)
+
+
+def _load_methods(specs, models_dir, server=None):
+    from tfgan_ct.inference import InferenceError, load
+
+    try:
+        return [load(spec, models_dir, server) for spec in specs]
+    except InferenceError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _test_slices(data_dir, modality, split, limit, cfg):
+    from tfgan_ct.data import DataError
+    from tfgan_ct.evaluate import EvaluationError, load_slices, only_modality
+
+    try:
+        modality = modality or only_modality(data_dir, split)
+        slices = load_slices(data_dir, modality, cfg, split, limit)
+    except (DataError, EvaluationError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if not slices:
+        raise click.ClickException(f"{data_dir}: no {split} slices of modality {modality}")
+    return modality, slices
+
+
+_MODELS_DIR = click.option("--models-dir", default="saved_models", show_default=True,
+                           type=click.Path(file_okay=False), help="Where stage exports are read.")
+_TILE = click.option("--tile", type=int, default=0, show_default=True,
+                     help="LR tile size for tiled inference (0: whole image at once).")
+_TILE_PAD = click.option("--tile-pad", type=int, default=16, show_default=True,
+                         help="LR pixels of context around each tile.")
+_SPLIT = click.option("--split", type=click.Choice(["test", "validation"]), default="test",
+                      show_default=True, help="Which slices of the dataset to use.")
+_MODALITY = click.option("--modality", type=click.Choice(["ncct", "ctp", "cta", "natural"]), default=None,
+                         help="Modality of the slices (default: the only one the split holds).")
+
+
+@main.command()
+@click.argument("methods", nargs=-1, required=True)
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset folder made by `tfgan-ct convert`.")
+@click.option("--out", default="evaluation", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for per_slice.csv, table.md, table.json and evaluate.log.")
+@click.option("--baseline", default="bicubic", show_default=True,
+              help="Method the others are tested against (one of METHODS; bicubic is always added).")
+@click.option("--alpha", type=float, default=0.05, show_default=True, help="Significance level.")
+@click.option("--limit", type=int, default=None, help="Score only the first N slices.")
+@click.option("--server", default=None, metavar="URL",
+              help="Ask a TensorFlow Serving REST endpoint for stage names instead of loading them.")
+@_MODALITY
+@_SPLIT
+@_MODELS_DIR
+@_TILE
+@_TILE_PAD
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@config_options
+def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, split, models_dir, tile,
+             tile_pad, no_progress, cfg):
+    """Score METHODS on the test slices: PSNR/SSIM per slice, Table 1 with paired t-tests.
+
+    METHODS are stage names (newest export), stage@VERSION, SavedModel folders,
+    or `bicubic`. Metrics are computed on the [0, 1] windowed slices inside the
+    brain mask, and over the whole slice as a second figure.
+    """
+    from tfgan_ct.evaluate import EvaluationError, evaluate as run, markdown, summarize, write_outputs
+    from tfgan_ct.inference import BICUBIC
+    from tfgan_ct.logs import log_to_file
+
+    specs = list(dict.fromkeys([BICUBIC, *methods]))
+    modality, slices = _test_slices(data_dir, modality, split, limit, cfg)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with log_to_file(Path(out) / "evaluate.log"):
+        loaded = _load_methods(specs, models_dir, server)
+        try:
+            results = run(loaded, slices, modality, split, tile, tile_pad, progress=not no_progress)
+            table = summarize(results, baseline if baseline != "bicubic" else BICUBIC, alpha)
+        except EvaluationError as exc:
+            raise click.ClickException(str(exc)) from None
+        paths = write_outputs(results, table, out)
+        cfg.save(Path(out) / "config.yaml")
+    click.echo(markdown(table))
+    click.echo(f"per-slice scores: {paths['csv']}; table: {paths['markdown']}, {paths['json']}")
+
+
+@main.command()
+@click.argument("methods", nargs=-1, required=True)
+@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Dataset folder made by `tfgan-ct convert`.")
+@click.option("--out", default="compare.png", show_default=True, type=click.Path(dir_okay=False),
+              help="PNG file to write.")
+@click.option("--slices", "indices", default=None, metavar="I,J,...",
+              help="Positions of the slices in the split (default: those with most brain).")
+@click.option("--count", type=int, default=2, show_default=True, help="Slices to show without --slices.")
+@click.option("--roi", default=None, metavar="Y,X,SIZE",
+              help="Region to enlarge, HR pixels (default: where the methods differ most).")
+@click.option("--panel", type=int, default=320, show_default=True, help="Panel size in screen pixels.")
+@_MODALITY
+@_SPLIT
+@_MODELS_DIR
+@_TILE
+@_TILE_PAD
+@config_options
+def compare(methods, data_dir, out, indices, count, roi, panel, modality, split, models_dir, tile, tile_pad,
+            cfg):
+    """Figure like the paper's Fig. 2: LR (bicubic), each of METHODS, ground truth, enlarged region."""
+    from tfgan_ct.figure import compare as make
+    from tfgan_ct.fileio import atomic_write_bytes
+
+    try:
+        index_list = [int(v) for v in indices.split(",")] if indices else None
+        region = tuple(int(v) for v in roi.split(",")) if roi else None
+    except ValueError:
+        raise click.BadParameter("--slices and --roi take comma-separated integers") from None
+    if region is not None and len(region) != 3:
+        raise click.BadParameter("--roi takes Y,X,SIZE")
+    modality, slices = _test_slices(data_dir, modality, split, None, cfg)
+    loaded = _load_methods([m for m in methods if m != "bicubic"], models_dir)
+    try:
+        image = make(slices, loaded, count, index_list, region, panel, tile, tile_pad)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    atomic_write_bytes(Path(out), buffer.getvalue())
+    click.echo(f"wrote {out} ({image.width}x{image.height})")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--model", "spec", default="ncct", show_default=True, metavar="STAGE[@N]|PATH",
+              help="Export to run (newest version of a stage, a version, or a SavedModel folder).")
+@click.option("--server", default=None, metavar="URL",
+              help="TensorFlow Serving REST endpoint (e.g. http://localhost:8501) serving --model.")
+@click.option("--format", "fmt", type=click.Choice(["dicom", "png", "npy"]), default="dicom",
+              show_default=True, help="DICOM series, windowed 8-bit PNGs or a float32 HU array.")
+@click.option("--window", default=None, metavar="C,W", help="HU window of the model (default: its export's).")
+@click.option("--outside-window", type=click.Choice(["bicubic", "clip"]), default="bicubic",
+              show_default=True, help="Pixels outside the window: bicubic HU, or the model clipped.")
+@_MODELS_DIR
+@_TILE
+@_TILE_PAD
+@click.option("--overwrite", is_flag=True, help="Replace output series folders that exist.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@config_options
+def upscale(inputs, out, spec, server, fmt, window, outside_window, models_dir, tile, tile_pad, overwrite,
+            no_progress, cfg):
+    """Super-resolve DICOM series x4 into new DICOM series (or PNG / npy).
+
+    The output keeps the source's patient and study, with new series and
+    instance UIDs, DERIVED image type, 4x rows and columns and PixelSpacing / 4.
+    """
+    from tfgan_ct.upscale import UpscaleError, upscale as run
+
+    method = _load_methods([spec], models_dir, server)[0]
+    try:
+        summary = run(inputs, out, method, cfg, fmt, _window_option(window), outside_window, tile, tile_pad,
+                      overwrite, progress=not no_progress)
+    except UpscaleError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {summary.images} image(s) in {len(summary.series)} series to {out} "
+               f"({len(summary.skipped)} file(s) skipped)")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,67 @@
+"""SR methods (bicubic, SavedModel) and tiled inference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tfgan_ct import inference, resize
+from tfgan_ct.generator import build_generator
+
+
+def keras_method(num_blocks=1):
+    """A tiny random generator wrapped as a method (its receptive field is small)."""
+    g = build_generator(num_blocks=num_blocks, features=8, growth=4)
+    return inference.Method("tiny", lambda lr: g(lr, training=False).numpy())
+
+
+def test_tile_plan_covers_the_image_once():
+    plan = inference.tiles(50, 37, 16, 5)
+    covered = np.zeros((50, 37), int)
+    for (y0, y1, x0, x1), (cy0, cy1, cx0, cx1) in plan:
+        covered[y0:y1, x0:x1] += 1
+        assert cy0 == max(y0 - 5, 0) and cy1 == min(y1 + 5, 50)
+        assert cx0 == max(x0 - 5, 0) and cx1 == min(x1 + 5, 37)
+    assert (covered == 1).all() and len(plan) == 4 * 3
+
+
+def test_tiled_equals_untiled_when_pad_covers_the_receptive_field():
+    method = keras_method()
+    lr = np.random.default_rng(0).random((45, 38)).astype(np.float32)
+    whole = inference.upscale_image(method, lr)
+    # 1 RRDB block: 15 3x3 convs at LR plus 5 at LR/HR scales -> a receptive radius under 20 LR pixels.
+    tiled = inference.upscale_image(method, lr, tile=16, pad=20, batch=3)
+    assert tiled.shape == whole.shape == (180, 152)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+
+
+def test_small_pad_differs_only_near_seams():
+    method = keras_method()
+    lr = np.random.default_rng(1).random((48, 48)).astype(np.float32)
+    whole = inference.upscale_image(method, lr)
+    tiled = inference.upscale_image(method, lr, tile=24, pad=2)
+    assert not np.allclose(tiled, whole, atol=1e-5)
+    # Far from the seam at LR 24 (HR 96) the two agree.
+    np.testing.assert_allclose(tiled[:40, :40], whole[:40, :40], atol=1e-5)
+
+
+def test_bicubic_method_is_the_matlab_resize():
+    lr = np.random.default_rng(2).random((2, 9, 7, 1)).astype(np.float32)
+    sr = inference.bicubic().predict(lr)
+    assert sr.shape == (2, 36, 28, 1) and sr.dtype == np.float32
+    np.testing.assert_allclose(sr[1, :, :, 0], resize.upscale(lr[1, :, :, 0], 4), atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[batch, h, w, 1\]"):
+        inference.bicubic().predict(lr[..., 0])
+
+
+def test_load_saved_model_and_errors(tiny_export, tmp_path):
+    method = inference.load("ncct", tiny_export)
+    assert method.name == "ncct" and method.scale == 4 and method.description == "ncct v1"
+    out = inference.upscale_image(method, np.full((10, 12), 0.5, np.float32))
+    assert out.shape == (40, 48) and np.isfinite(out).all()
+    assert inference.load("bicubic").name == "bicubic"
+    with pytest.raises(inference.InferenceError, match="tfgan-ct train --stage cta"):
+        inference.load("cta", tiny_export)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "saved_model.pb").write_bytes(b"not a model")
+    with pytest.raises(inference.InferenceError, match="cannot load"):
+        inference.load(str(tmp_path / "broken"), tiny_export)

@@ -1,0 +1,193 @@
+"""Running a super-resolution method on [0, 1] images, whole or in tiles.
+
+A *method* is anything that turns LR images into SR images four times larger:
+
+- an exported stage, loaded with plain ``tf.saved_model.load`` (what TensorFlow
+  Serving serves) and called through its ``serving_default`` signature;
+- the same export behind a TensorFlow Serving REST endpoint (``--server URL``);
+- ``bicubic``, the MATLAB-compatible bicubic baseline of `tfgan_ct.resize`.
+
+All of them take ``lr`` float32 [b, h, w, 1] in [0, 1] and return ``sr``
+float32 [b, 4h, 4w, 1] in [0, 1] (NHWC), so evaluation, figures and
+`tfgan-ct upscale` treat them alike.
+
+Tiled inference (`upscale_image` with ``tile > 0``) bounds memory for any
+image size, as Real-ESRGAN's ``--tile``/``--tile_pad``: the LR image is cut
+into ``tile`` x ``tile`` pieces, each run with ``pad`` extra LR pixels of
+context on every side (clipped at the image border), and only the piece's own
+part of the output is kept. Where ``pad`` covers the network's receptive
+field the result equals the untiled one to float precision; the paper network
+(23 RRDB blocks) sees about 350 LR pixels in every direction, so with a
+practical ``pad`` tiles differ from the whole-image result by a small amount
+near the seams, as in Real-ESRGAN.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tfgan_ct import resize
+
+log = logging.getLogger(__name__)
+
+BICUBIC = "bicubic"
+
+
+class InferenceError(RuntimeError):
+    """A method that cannot be loaded or run."""
+
+
+@dataclass
+class Method:
+    """A named SR method. `predict` maps float32 [b, h, w, 1] in [0, 1] to [b, 4h, 4w, 1]."""
+
+    name: str
+    predict: object                      # callable(np.ndarray) -> np.ndarray
+    scale: int = 4
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        """'ncct v3', 'bicubic', or the name, for logs and DICOM descriptions."""
+        stage, version = self.metadata.get("stage"), self.metadata.get("version")
+        return f"{stage} v{version}" if stage and version else self.name
+
+
+def bicubic(scale: int = 4) -> Method:
+    """The MATLAB-compatible bicubic baseline."""
+
+    def predict(lr: np.ndarray) -> np.ndarray:
+        lr = _check_batch(lr)
+        return np.stack([resize.upscale(x[..., 0], scale)[..., None] for x in lr]).astype(np.float32)
+
+    return Method(BICUBIC, predict, scale, {"method": BICUBIC})
+
+
+def saved_model(path: str | Path, name: str | None = None) -> Method:
+    """An exported stage at `path` (a version folder), called with plain TensorFlow."""
+    import tensorflow as tf
+
+    path = Path(path)
+    try:
+        loaded = tf.saved_model.load(str(path))
+        signature = loaded.signatures["serving_default"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InferenceError(f"{path}: cannot load a SavedModel with a serving_default signature "
+                             f"({exc})") from None
+    metadata = _metadata(path)
+
+    def predict(lr: np.ndarray) -> np.ndarray:
+        return signature(lr=tf.constant(_check_batch(lr)))["sr"].numpy()
+
+    predict.loaded = loaded  # keep the SavedModel object alive with the function
+    return Method(name or _default_name(path, metadata), predict, int(metadata.get("scale", 4)), metadata)
+
+
+def remote(url: str, model: str, version: int | None = None, name: str | None = None,
+           scale: int = 4) -> Method:
+    """A model served by TensorFlow Serving (REST API) at `url`, e.g. http://host:8501."""
+    from tfgan_ct import serving
+
+    def predict(lr: np.ndarray) -> np.ndarray:
+        return serving.predict(url, model, _check_batch(lr), version=version)
+
+    return Method(name or f"{model}@{url}", predict, scale, {"stage": model, "server": url})
+
+
+def load(spec: str, models_dir: str | Path = "saved_models", server: str | None = None) -> Method:
+    """A method from its spec: 'bicubic', 'stage', 'stage@N' or a SavedModel path.
+
+    With `server`, stage names are sent to that TensorFlow Serving endpoint
+    instead of being loaded here ('stage@N' asks for version N).
+    """
+    from tfgan_ct.export import ExportError, resolve
+
+    if spec == BICUBIC:
+        return bicubic()
+    if server:
+        stage, _, version = spec.partition("@")
+        return remote(server, stage, int(version) if version else None, name=spec)
+    try:
+        path = resolve(spec, models_dir)
+    except ExportError as exc:
+        raise InferenceError(str(exc)) from None
+    return saved_model(path, name=spec)
+
+
+def _default_name(path: Path, metadata: dict) -> str:
+    if metadata.get("stage") and metadata.get("version"):
+        return f"{metadata['stage']}@{metadata['version']}"
+    return path.name
+
+
+def _metadata(path: Path) -> dict:
+    try:
+        return json.loads((path / "tfgan_ct.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _check_batch(lr: np.ndarray) -> np.ndarray:
+    lr = np.asarray(lr, dtype=np.float32)
+    if lr.ndim != 4 or lr.shape[-1] != 1:
+        raise ValueError(f"expected LR images of shape [batch, h, w, 1], got {lr.shape}")
+    return lr
+
+
+def tiles(height: int, width: int, tile: int, pad: int) -> list[tuple[tuple[int, int, int, int],
+                                                                     tuple[int, int, int, int]]]:
+    """Tile plan of an LR image: [(core, context), ...] as (y0, y1, x0, x1) in LR pixels.
+
+    Cores cover the image without overlap (tile x tile, smaller at the right and
+    bottom edges); each context is its core grown by `pad` on every side,
+    clipped at the image border.
+    """
+    if tile <= 0:
+        raise ValueError(f"tile must be positive, got {tile}")
+    plan = []
+    for y0 in range(0, height, tile):
+        for x0 in range(0, width, tile):
+            y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
+            context = (max(y0 - pad, 0), min(y1 + pad, height), max(x0 - pad, 0), min(x1 + pad, width))
+            plan.append(((y0, y1, x0, x1), context))
+    return plan
+
+
+def upscale_image(method: Method, lr: np.ndarray, tile: int = 0, pad: int = 16,
+                  batch: int = 4) -> np.ndarray:
+    """Super-resolve one LR image.
+
+    Args:
+        method: the SR method.
+        lr: float32 [h, w] in [0, 1].
+        tile: LR tile size; 0 runs the whole image at once.
+        pad: LR pixels of context around each tile.
+        batch: tiles of equal size run together, up to this many.
+
+    Returns:
+        float32 [scale*h, scale*w] in [0, 1].
+    """
+    lr = np.asarray(lr, dtype=np.float32)
+    if lr.ndim != 2:
+        raise ValueError(f"expected one [h, w] image, got shape {lr.shape}")
+    s = method.scale
+    if tile <= 0 or (lr.shape[0] <= tile and lr.shape[1] <= tile):
+        return method.predict(lr[None, :, :, None])[0, :, :, 0]
+    out = np.empty((lr.shape[0] * s, lr.shape[1] * s), np.float32)
+    groups: dict[tuple[int, int], list] = {}
+    for core, ctx in tiles(lr.shape[0], lr.shape[1], tile, pad):
+        groups.setdefault((ctx[1] - ctx[0], ctx[3] - ctx[2]), []).append((core, ctx))
+    for items in groups.values():
+        for start in range(0, len(items), max(batch, 1)):
+            chunk = items[start:start + max(batch, 1)]
+            inputs = np.stack([lr[c[0]:c[1], c[2]:c[3]] for _, c in chunk])[..., None]
+            outputs = method.predict(inputs)[..., 0]
+            for (core, ctx), sr in zip(chunk, outputs):
+                y, x = (core[0] - ctx[0]) * s, (core[2] - ctx[2]) * s
+                h, w = (core[1] - core[0]) * s, (core[3] - core[2]) * s
+                out[core[0] * s:core[1] * s, core[2] * s:core[3] * s] = sr[y:y + h, x:x + w]
+    return out
