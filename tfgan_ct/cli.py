@@ -288,7 +288,8 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
 @click.option("--outside-window", type=click.Choice(["bicubic", "clip"]), default="bicubic",
               show_default=True, help="Pixels outside the window: bicubic HU, or the model clipped.")
 @_MODELS_DIR
-@_TILE
+@click.option("--tile", type=int, default=256, show_default=True,
+              help="LR tile size, bounding memory for any image size (0: whole image at once).")
 @_TILE_PAD
 @click.option("--overwrite", is_flag=True, help="Replace output series folders that exist.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
