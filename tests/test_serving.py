@@ -13,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def test_models_config_without_exports_says_so(tmp_path):
         serving.models_config(tmp_path)
     with pytest.raises(serving.ServingError, match="no export found"):
         serving.models_config(tmp_path / "missing")
+    with pytest.raises(serving.ServingError, match="no export found"):
+        serving.make_standin(tmp_path)
 
 
 def test_make_models_config_tool(models_dir, tmp_path):

@@ -93,8 +93,7 @@ def models_config(models_dir: str | Path, base_path: str | None = None) -> str:
     """
     stages = exported_stages(models_dir)
     if not stages:
-        raise ServingError(f"no export found under {Path(models_dir).resolve()} (expected <stage>/<version>/"
-                           f"saved_model.pb); make one with `tfgan-ct train --stage ncct --data DIR`")
+        raise no_export_error(models_dir)
     blocks = []
     for stage in stages:
         path = f"{base_path.rstrip('/')}/{stage}" if base_path else str((Path(models_dir) / stage).resolve())
@@ -104,6 +103,12 @@ def models_config(models_dir: str | Path, base_path: str | None = None) -> str:
                       '    model_platform: "tensorflow"\n'
                       "  }\n")
     return "model_config_list {\n" + "".join(blocks) + "}\n"
+
+
+def no_export_error(models_dir: str | Path) -> ServingError:
+    """The error for a models folder without any complete export."""
+    return ServingError(f"no export found under {Path(models_dir).resolve()} (expected <stage>/<version>/"
+                        f"saved_model.pb); make one with `tfgan-ct train --stage ncct --data DIR`")
 
 
 def _quote(text: str) -> str:
@@ -260,7 +265,7 @@ def load_models(models_dir: str | Path) -> dict[str, LoadedModel]:
 
     stages = exported_stages(models_dir)
     if not stages:
-        models_config(models_dir)  # raises the "no export" error
+        raise no_export_error(models_dir)
     loaded = {}
     for stage, available in stages.items():
         path = Path(models_dir) / stage / str(available[-1])
