@@ -42,7 +42,10 @@ setup(
     ],
     extras_require={
         "dicom-codecs": DICOM_CODECS,
-        "test": ["pytest>=8,<10"],
+        # tensorflow-serving-api holds TF Serving's config and request protos, which the
+        # tests use to check models.config and the warm-up requests. Each release pins
+        # tensorflow>= its own version, so it follows the TensorFlow pin above.
+        "test": ["pytest>=8,<10", "tensorflow-serving-api>=2.21,<2.22"],
     },
     entry_points={"console_scripts": ["tfgan-ct=tfgan_ct.cli:main"]},
     classifiers=[

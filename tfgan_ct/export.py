@@ -4,6 +4,7 @@ Layout (what TensorFlow Serving reads; integer versions, the newest is served):
 
     saved_models/<stage>/<version>/
         saved_model.pb, variables/     plain-TensorFlow SavedModel, no tfgan_ct import needed
+        assets.extra/                  TF Serving warm-up requests (tfgan_ct.serving.write_warmup)
         tfgan_ct.json                  metadata: stage, parent, window, scale, config, data hash
 
 Signatures:
@@ -31,6 +32,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from tfgan_ct import serving
 from tfgan_ct.config import Window
 
 METADATA = "tfgan_ct.json"
@@ -56,6 +58,7 @@ def export_stage(generator: keras.Model, discriminator: keras.Model, models_dir:
     stage_tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=stage_dir))
     try:
         _write_saved_model(generator, discriminator, stage_tmp / "model", window)
+        serving.write_warmup(stage_tmp / "model", model_name=stage)
         while True:
             version = (versions(stage_dir) or [0])[-1] + 1
             info = {**metadata, "stage": stage, "version": version, "scale": scale,
