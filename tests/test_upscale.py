@@ -125,3 +125,27 @@ def test_interrupted_series_leaves_nothing_that_looks_complete(phantom_dir, cfg,
 def test_nothing_usable(shared_data, cfg, tmp_path):
     with pytest.raises(upscale.UpscaleError, match="no series could be upscaled .3 file"):
         upscale.upscale([shared_data / "dicom" / "bad"], tmp_path, inference.bicubic(), cfg, progress=False)
+
+
+def test_upscale_through_a_serving_endpoint_matches_the_local_model(phantom_dir, tiny_export, tmp_path):
+    """`--server`: the REST client against the loopback stand-in for TensorFlow Serving."""
+    from tfgan_ct import serving
+
+    server = serving.start_standin(tiny_export)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    source = phantom_dir / "patient02" / "01_ncct"
+    runner = CliRunner()
+    try:
+        common = ["upscale", str(source), "--format", "npy", "--no-progress", "--config", str(SMALL_CONFIG)]
+        remote = runner.invoke(main, [*common, "--server", url, "--model", "ncct", "--window", "40,80",
+                                      "--out", str(tmp_path / "remote")])
+        assert remote.exit_code == 0, remote.output
+        local = runner.invoke(main, [*common, "--models-dir", str(tiny_export), "--out", str(tmp_path / "local")])
+        assert local.exit_code == 0, local.output
+    finally:
+        server.shutdown()
+        server.server_close()
+    np.testing.assert_allclose(np.load(next((tmp_path / "remote").glob("*/sr_hu.npy"))),
+                               np.load(next((tmp_path / "local").glob("*/sr_hu.npy"))), atol=1e-3)
+    down = runner.invoke(main, [*common, "--server", url, "--out", str(tmp_path / "down")])
+    assert down.exit_code != 0 and url in down.output and "Traceback" not in down.output

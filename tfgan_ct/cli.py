@@ -211,7 +211,7 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
     brain mask, and over the whole slice as a second figure.
     """
     from tfgan_ct.evaluate import EvaluationError, evaluate as run, markdown, summarize, write_outputs
-    from tfgan_ct.inference import BICUBIC
+    from tfgan_ct.inference import BICUBIC, InferenceError
     from tfgan_ct.logs import log_to_file
 
     specs = list(dict.fromkeys([BICUBIC, *methods]))
@@ -221,8 +221,8 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
         loaded = _load_methods(specs, models_dir, server)
         try:
             results = run(loaded, slices, modality, split, tile, tile_pad, progress=not no_progress)
-            table = summarize(results, baseline if baseline != "bicubic" else BICUBIC, alpha)
-        except EvaluationError as exc:
+            table = summarize(results, baseline, alpha)
+        except (EvaluationError, InferenceError) as exc:
             raise click.ClickException(str(exc)) from None
         paths = write_outputs(results, table, out)
         cfg.save(Path(out) / "config.yaml")
@@ -301,13 +301,14 @@ def upscale(inputs, out, spec, server, fmt, window, outside_window, models_dir, 
     The output keeps the source's patient and study, with new series and
     instance UIDs, DERIVED image type, 4x rows and columns and PixelSpacing / 4.
     """
+    from tfgan_ct.inference import InferenceError
     from tfgan_ct.upscale import UpscaleError, upscale as run
 
     method = _load_methods([spec], models_dir, server)[0]
     try:
         summary = run(inputs, out, method, cfg, fmt, _window_option(window), outside_window, tile, tile_pad,
                       overwrite, progress=not no_progress)
-    except UpscaleError as exc:
+    except (UpscaleError, InferenceError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {summary.images} image(s) in {len(summary.series)} series to {out} "
                f"({len(summary.skipped)} file(s) skipped)")

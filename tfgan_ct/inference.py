@@ -93,7 +93,10 @@ def remote(url: str, model: str, version: int | None = None, name: str | None = 
     from tfgan_ct import serving
 
     def predict(lr: np.ndarray) -> np.ndarray:
-        return serving.predict(url, model, _check_batch(lr), version=version)
+        try:
+            return serving.predict(url, model, _check_batch(lr), version=version)
+        except serving.ServingError as exc:
+            raise InferenceError(str(exc)) from None
 
     return Method(name or f"{model}@{url}", predict, scale, {"stage": model, "server": url})
 
