@@ -65,3 +65,10 @@ def test_load_saved_model_and_errors(tiny_export, tmp_path):
     (tmp_path / "broken" / "saved_model.pb").write_bytes(b"not a model")
     with pytest.raises(inference.InferenceError, match="cannot load"):
         inference.load(str(tmp_path / "broken"), tiny_export)
+
+
+def test_named_specs(tiny_export):
+    assert inference.load("Bicubic=bicubic").name == "Bicubic"
+    method = inference.load("TL=ncct@1", tiny_export)
+    assert method.name == "TL" and method.metadata["stage"] == "ncct"
+    assert inference.load(f"Scratch={tiny_export / 'ncct'}", "elsewhere").description == "ncct v1"

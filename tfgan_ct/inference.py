@@ -102,23 +102,27 @@ def remote(url: str, model: str, version: int | None = None, name: str | None = 
 
 
 def load(spec: str, models_dir: str | Path = "saved_models", server: str | None = None) -> Method:
-    """A method from its spec: 'bicubic', 'stage', 'stage@N' or a SavedModel path.
+    """A method from its spec: 'bicubic', 'stage', 'stage@N' or a SavedModel path,
+    optionally named 'NAME=SPEC' (e.g. 'Scratch=scratch_models/ncct') for tables and figures.
 
     With `server`, stage names are sent to that TensorFlow Serving endpoint
     instead of being loaded here ('stage@N' asks for version N).
     """
     from tfgan_ct.export import ExportError, resolve
 
+    name, _, spec = spec.rpartition("=") if "=" in spec else (None, "", spec)
     if spec == BICUBIC:
-        return bicubic()
+        method = bicubic()
+        method.name = name or BICUBIC
+        return method
     if server:
         stage, _, version = spec.partition("@")
-        return remote(server, stage, int(version) if version else None, name=spec)
+        return remote(server, stage, int(version) if version else None, name=name or spec)
     try:
         path = resolve(spec, models_dir)
     except ExportError as exc:
         raise InferenceError(str(exc)) from None
-    return saved_model(path, name=spec)
+    return saved_model(path, name=name or spec)
 
 
 def _default_name(path: Path, metadata: dict) -> str:
