@@ -78,6 +78,17 @@ def make_images(folder: Path) -> dict[str, np.ndarray]:
 
     Image.fromarray(rgb).save(folder / "rgb.bmp")
     expected["rgb.bmp"] = rgb / 255.0 @ BT601
+
+    Image.fromarray(np.dstack([grey8, alpha]), "LA").save(folder / "grey_alpha.png")
+    expected["grey_alpha.png"] = grey8 / 255.0 * (alpha / 255.0)
+
+    bilevel = grey8 > 127
+    Image.fromarray(bilevel).save(folder / "bilevel.png")
+    expected["bilevel.png"] = bilevel.astype(np.float64)
+
+    grey32 = grey16.astype(np.int32)  # Pillow mode I holding 16-bit values
+    Image.fromarray(grey32).save(folder / "grey32.tif")
+    expected["grey32.tif"] = grey32 / 65535.0
     (folder / "notes.txt").write_text("not an image, ignored by suffix")
     return expected
 
@@ -124,6 +135,9 @@ def test_grey_levels_per_mode_and_lr(modes_dataset):
         np.testing.assert_array_less(np.abs(record["hr"] - grey[:, :68] * 1000), 0.5 + 1e-6, err_msg=key)
         np.testing.assert_allclose(record["lr"], resize.downscale(record["hr"].astype(np.float64), 4),
                                    atol=1e-4, err_msg=key)
+    manifest = json.loads((out / "manifest.json").read_text())
+    modes = {x["modality_reason"] for x in manifest["series"]}
+    assert modes == {f"natural image ({m})" for m in ("1", "I", "I;16", "L", "LA", "P", "RGB", "RGBA")}
     for key in ("rgb.png", "rgba.png", "rgb.bmp"):  # pure red, green, blue: the BT.601 weights x 1000
         (record,) = records[salted_hash("patient:" + key, SALT)]
         assert record["hr"][0, :3].tolist() == [299, 587, 114], key

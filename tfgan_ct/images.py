@@ -117,11 +117,13 @@ def to_grey(image: Image.Image) -> np.ndarray:
     if mode == "1":
         return np.asarray(image, dtype=np.float64)
     if mode in ("L", "LA", "RGB", "RGBA"):
-        array = np.asarray(image, dtype=np.float64) / 255.0
+        array = np.asarray(image)  # uint8, (H, W) or (H, W, channels)
         if array.ndim == 2:
-            return array
-        grey = array[..., 0] if mode in ("L", "LA") else luma(array[..., :3])
-        return grey * array[..., -1] if mode.endswith("A") else grey
+            return array / 255.0
+        grey = array[..., 0] / 255.0 if mode == "LA" else luma(array[..., :3]) / 255.0
+        if mode.endswith("A"):
+            grey *= array[..., -1] / 255.0
+        return grey
     if mode in _UINT16_MODES or mode == "I":
         array = np.asarray(image).astype(np.float64)
         if mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
@@ -131,7 +133,7 @@ def to_grey(image: Image.Image) -> np.ndarray:
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R BT.601 luma of float RGB (..., 3) on [0, 1]: 0.299 R + 0.587 G + 0.114 B."""
+    """ITU-R BT.601 luma 0.299 R + 0.587 G + 0.114 B of RGB (..., 3), float64 in the units of `rgb`."""
     return LUMA[0] * rgb[..., 0] + LUMA[1] * rgb[..., 1] + LUMA[2] * rgb[..., 2]
 
 
