@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from PIL import Image
 
 from tfgan_ct import data, export, resize
@@ -37,7 +37,7 @@ def records_by_image(out: Path) -> dict[str, list[dict]]:
     return grouped
 
 
-def run(*args) -> "click.testing.Result":  # noqa: F821
+def run(*args) -> Result:
     return CliRunner().invoke(main, ["convert-images", *map(str, args), "--config", str(SMALL_CONFIG),
                                      "--no-progress"])
 
@@ -271,36 +271,46 @@ TINY = {
 }
 
 
-def test_natural_stage_trains_exports_and_is_the_ncct_default_parent(converted, tmp_path):
-    """convert-images -> `tfgan-ct train --stage natural` -> export; `ncct` then warm-starts from it."""
-    write_sample_images(tmp_path / "samples")
-    tiny = tmp_path / "tiny.yaml"
+@pytest.fixture(scope="module")
+def natural_run(tmp_path_factory):
+    """Sample images -> convert-images -> `tfgan-ct train --stage natural` with tiny networks.
+
+    Returns (tiny config file, natural dataset, models folder, runs folder).
+    """
+    root = tmp_path_factory.mktemp("natural")
+    write_sample_images(root / "samples")
+    tiny = root / "tiny.yaml"
     tiny.write_text(yaml.safe_dump({**yaml.safe_load(SMALL_CONFIG.read_text()), **TINY}))
-    natural = tmp_path / "natural"
-    result = CliRunner().invoke(main, ["convert-images", str(tmp_path / "samples"), "--out", str(natural),
+    natural, models, runs = root / "natural", root / "models", root / "runs"
+    result = CliRunner().invoke(main, ["convert-images", str(root / "samples"), "--out", str(natural),
                                        "--config", str(tiny), "--workers", "1", "--no-progress"])
     assert result.exit_code == 0, result.output
+    trained = CliRunner().invoke(main, ["train", "--stage", "natural", "--data", str(natural), "--config",
+                                        str(tiny), "--models-dir", str(models), "--runs-dir", str(runs)])
+    assert trained.exit_code == 0, trained.output
+    return tiny, natural, models, runs
 
+
+def test_natural_dataset_reads_and_the_stage_trains_and_exports(natural_run):
+    tiny, natural, models, _ = natural_run
     cfg = load_config(tiny)
     batch = next(iter(data.train_dataset(natural, "natural", cfg, seed=0)))
     assert batch["lr"].shape == (4, 8, 8, 1) and batch["hr"].shape == (4, 32, 32, 1)
     assert 0 <= float(batch["hr"].numpy().min()) and float(batch["hr"].numpy().max()) <= 1
     whole = next(iter(data.eval_dataset(natural, "validation", "natural", cfg)))
     assert whole["hr"].shape[0] == 4 * whole["lr"].shape[0] and bool(whole["mask"].numpy().all())
-
-    models, runs = tmp_path / "models", tmp_path / "runs"
-    trained = CliRunner().invoke(main, ["train", "--stage", "natural", "--data", str(natural), "--config",
-                                        str(tiny), "--models-dir", str(models), "--runs-dir", str(runs)])
-    assert trained.exit_code == 0, trained.output
     meta = export.read_metadata(models / "natural" / "1")
     assert meta["stage"] == "natural" and meta["steps"] == 4 and meta["modality"] == "natural"
-    assert meta["window"] == {"center": 500.0, "width": 1000.0}
+    assert meta["parent"] is None and meta["window"] == {"center": 500.0, "width": 1000.0}
 
+
+def test_ncct_default_warm_start_is_the_natural_export(natural_run, converted):
     from tfgan_ct.train import train_stage
 
+    tiny, _, models, runs = natural_run
     ct, _ = converted
     zero = load_config(tiny, ["train.l1_phase.steps=0", "train.gan_phase.steps=0"])
-    child = train_stage("ncct", ct, zero, models_dir=models, runs_dir=runs)  # default warm start
+    child = train_stage("ncct", ct, zero, models_dir=models, runs_dir=runs)  # --warm-start default
     child_meta = export.read_metadata(child.export_dir)
     assert child_meta["parent"] == "natural" and child_meta["parent_version"] == 1
 
