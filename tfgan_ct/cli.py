@@ -101,6 +101,45 @@ def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, n
                f"({len(summary.skipped)} file(s) skipped)")
 
 
+@main.command("convert-images")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
+@click.option("--split", default=None, metavar="T:V:T",
+              help="Images per train:validation:test, counts or fractions (config default 4:2:3).")
+@click.option("--split-csv", type=click.Path(exists=True, dir_okay=False),
+              help="CSV with columns patient,split (patient = image path relative to its input "
+                   "folder, e.g. train/0001.png) instead of --split.")
+@click.option("--seed", type=int, default=None, help="Seed of the image split (config default 0).")
+@click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@config_options
+def convert_images(inputs, out, split, split_csv, seed, workers, overwrite, no_progress, cfg):
+    """Convert folders of PNG/JPEG/BMP/TIFF images into shards for the natural stage.
+
+    Each image becomes its BT.601 luma (grey level x 1000 stored; alpha
+    composited on black) and is its own "patient" in the split. Train shards
+    hold HR/LR patches, validation and test shards whole images; the output
+    folder looks like the one `tfgan-ct convert` makes, with modality natural.
+    """
+    from tfgan_ct.config import ConfigError
+    from tfgan_ct.convert import ConvertError
+    from tfgan_ct.images import convert_images as run
+
+    if split is not None:
+        cfg.convert.split = split
+    if seed is not None:
+        cfg.convert.seed = seed
+    try:
+        summary = run(inputs, out, cfg, split_csv=split_csv, workers=workers, overwrite=overwrite,
+                      progress=not no_progress)
+    except (ConvertError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+    n = sum(summary.records.values())
+    click.echo(f"wrote {n} record(s) from {sum(summary.slices.values())} image(s) to {out} "
+               f"({len(summary.skipped)} file(s) skipped)")
+
+
 @main.command()
 @click.option("--stage", required=True, type=click.Choice(["natural", "ncct", "ctp", "cta"]),
               help="Stage of the chain natural -> ncct -> ctp -> cta.")

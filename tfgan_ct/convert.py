@@ -106,13 +106,7 @@ def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality
     """Convert DICOM `inputs` into a shard dataset at `out`; see the module docstring."""
     start = time.perf_counter()
     check_settings(cfg)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConvertError(f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConvertError(f"{out} already exists and is not empty (use --overwrite to replace it)")
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
+    out = check_output(out, overwrite)
     if modality != "auto" and modality not in modality_rules.MODALITIES:
         raise ConvertError(f"--modality {modality!r}: use auto, ncct, ctp or cta")
     workers = workers or os.cpu_count() or 1
@@ -139,6 +133,21 @@ def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality
         cfg.save(stage / "config.yaml")
         _log_summary(summary)
     return summary
+
+
+def check_output(out: str | Path, overwrite: bool) -> Path:
+    """The output folder as a Path; refuses a file, or a non-empty folder without `overwrite`.
+
+    An existing empty folder is removed so that the staged output can take its place.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConvertError(f"{out} already exists and is not empty (use --overwrite to replace it)")
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    return out
 
 
 class _InProcess:
@@ -389,16 +398,35 @@ def slice_records(result: SliceResult, meta: RecordMeta, cfg: Config) -> list[by
 def build_manifest(plans: list[SeriesPlan], shards: dict[str, list[dict]], summary: Summary,
                    cfg: Config, modality: str, split_csv) -> dict:
     """The dataset's manifest.json (deterministic: no times, no paths, no identifiers)."""
+    series = [{"series": p.series_hash, "patient": p.patient_hash, "modality": p.modality,
+               "modality_reason": p.reason, "split": p.split, "images": len(p.frames)}
+              for p in plans]
+    return manifest_dict(series, shards, summary, cfg, settings_entry(cfg, modality, split_csv))
+
+
+def settings_entry(cfg: Config, modality: str, split_csv) -> dict:
+    """The manifest's `settings`: how the dataset was made (the salt itself is never written)."""
+    return {"modality": modality, "split": "csv" if split_csv else cfg.convert.split,
+            "seed": cfg.convert.seed, "salt": "custom" if cfg.convert.salt else "from seed",
+            "convert": {k: v for k, v in cfg.to_dict()["convert"].items() if k != "salt"}}
+
+
+def manifest_dict(series: list[dict], shards: dict[str, list[dict]], summary: Summary, cfg: Config,
+                  settings: dict) -> dict:
+    """Manifest from its series entries ({series, patient, modality, modality_reason, split,
+    images}), the shard lists, the run summary and the `settings` entry (shared with
+    `tfgan-ct convert-images`)."""
     counts: dict = {}
+    kinds = (*modality_rules.MODALITIES, "natural")
     for split in splits.SPLITS:
-        split_plans = [p for p in plans if p.split == split]
+        split_series = [x for x in series if x["split"] == split]
         counts[split] = {
             "records": sum(n for (s, _), n in summary.records.items() if s == split),
             "slices": sum(n for (s, _), n in summary.slices.items() if s == split),
-            "patients": len({p.patient_hash for p in split_plans}),
-            "series": len(split_plans),
+            "patients": len({x["patient"] for x in split_series}),
+            "series": len(split_series),
             "by_modality": {m: {"records": summary.records[(split, m)], "slices": summary.slices[(split, m)]}
-                            for m in modality_rules.MODALITIES if summary.slices[(split, m)]},
+                            for m in kinds if summary.slices[(split, m)]},
         }
     reasons = Counter(_reason_class(s.reason) for s in summary.skipped)
     return {
@@ -410,17 +438,13 @@ def build_manifest(plans: list[SeriesPlan], shards: dict[str, list[dict]], summa
         "patch_stride": cfg.convert.patch_stride,
         "counts": counts,
         "shards": shards,
-        "series": [{"series": p.series_hash, "patient": p.patient_hash, "modality": p.modality,
-                    "modality_reason": p.reason, "split": p.split, "images": len(p.frames)}
-                   for p in plans],
+        "series": series,
         "skipped": {"files": len(summary.skipped), "by_reason": dict(sorted(reasons.items()))},
         "slices_without_brain": summary.empty_slices,
         "windows": {m: {"center": cfg.modalities.get(m).window.center,
                         "width": cfg.modalities.get(m).window.width}
-                    for m in (*modality_rules.MODALITIES, "natural")},
-        "settings": {"modality": modality, "split": "csv" if split_csv else cfg.convert.split,
-                     "seed": cfg.convert.seed, "salt": "custom" if cfg.convert.salt else "from seed",
-                     "convert": {k: v for k, v in cfg.to_dict()["convert"].items() if k != "salt"}},
+                    for m in kinds},
+        "settings": settings,
     }
 
 
