@@ -33,3 +33,24 @@ def test_variable_paths_are_unique():
     g = build_generator(num_blocks=2, features=8, growth=4)
     paths = [v.path for v in g.variables]
     assert len(paths) == len(set(paths)) and "rrdb01/rdb3/conv4/kernel" in paths
+
+
+def test_dense_block_by_source_equals_the_straightforward_block():
+    import numpy as np
+    import tensorflow as tf
+
+    from tfgan_ct.generator import ResidualDenseBlock
+
+    block = ResidualDenseBlock(16, 8)
+    x = tf.constant(np.random.default_rng(0).normal(size=(2, 9, 7, 16)).astype("float32"))
+    # Non-zero biases so that their placement is checked too.
+    block.build(x.shape)
+    for conv in block._convs():
+        conv.bias.assign(np.random.default_rng(1).normal(size=conv.bias.shape).astype("float32"))
+    np.testing.assert_allclose(block(x).numpy(), block.reference_call(x).numpy(), atol=1e-5)
+    with tf.GradientTape(persistent=True) as tape:
+        fast, ref = tf.reduce_sum(block(x) ** 2), tf.reduce_sum(block.reference_call(x) ** 2)
+    for a, b in zip(tape.gradient(fast, block.trainable_variables), tape.gradient(ref, block.trainable_variables)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    assert [v.path for v in block.variables][:2] == ["residual_dense_block/conv1/kernel",
+                                                     "residual_dense_block/conv1/bias"]

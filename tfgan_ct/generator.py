@@ -59,7 +59,53 @@ class ResidualDenseBlock(layers.Layer):
         self.conv5 = conv(features, "conv5", _he_scaled())
         self.act = layers.LeakyReLU(negative_slope=0.2)
 
+    def build(self, input_shape):
+        for i, layer in enumerate(self._convs()):
+            layer.build((None, None, None, self.features + i * self.growth))
+        super().build(input_shape)
+
+    def _convs(self) -> tuple[layers.Conv2D, ...]:
+        return self.conv1, self.conv2, self.conv3, self.conv4, self.conv5
+
     def call(self, x):
+        """Same result as the straightforward dense block, computed 'by source'.
+
+        The straightforward build (ESRGAN's) runs conv_k on the concatenation
+        [x, x1, .., x_{k-1}]. A convolution of a concatenation is the sum of
+        the convolutions of its parts, so here each part is convolved once, with
+        the input-channel slices of all later convs' kernels side by side: x
+        once with 4 x 32 + 64 output channels, x1 with 3 x 32 + 64, ... . That
+        gives five wide convolutions instead of five narrow ones on ever wider
+        concatenations, and no concatenated copies: on CPU (oneDNN) a training
+        step of the paper network takes about 0.55x the time (tools/bench_train.py).
+        The variables are the same five Conv2D layers with ESRGAN's shapes, so
+        checkpoints, exports and warm starts do not change; a test checks the
+        output against the straightforward computation.
+        """
+        convs = self._convs()
+        dtype = x.dtype
+        kernels = [keras.ops.cast(c.kernel, dtype) for c in convs]
+        biases = [keras.ops.cast(c.bias, dtype) for c in convs]
+        widths = [self.features] + [self.growth] * 4       # channels of x, x1, .., x4
+        sums = [None] * 5                                   # pre-activation of conv1 .. conv5
+        source, offset = x, 0
+        for part in range(5):
+            fused = keras.ops.concatenate(
+                [k[:, :, offset:offset + widths[part], :] for k in kernels[part:]], axis=-1)
+            y = keras.ops.conv(source, fused, strides=1, padding="same")
+            sizes = [self.growth] * (4 - part) + [self.features]
+            start = 0
+            for j, size in zip(range(part, 5), sizes):
+                piece = y[..., start:start + size]
+                sums[j] = piece if sums[j] is None else sums[j] + piece
+                start += size
+            if part < 4:
+                source = self.act(sums[part] + biases[part])
+            offset += widths[part]
+        return x + RESIDUAL_SCALE * (sums[4] + biases[4])
+
+    def reference_call(self, x):
+        """ESRGAN's straightforward dense block (for tests): convs on growing concatenations."""
         outputs = [x]
         for layer in (self.conv1, self.conv2, self.conv3, self.conv4):
             outputs.append(self.act(layer(keras.ops.concatenate(outputs, axis=-1))))
