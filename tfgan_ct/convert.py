@@ -30,7 +30,7 @@ from tfgan_ct import dicom_io, modality as modality_rules, resize, splits
 from tfgan_ct.config import Config, ConfigError
 from tfgan_ct.fileio import atomic_write_text, staged_directory
 from tfgan_ct.logs import log_to_file
-from tfgan_ct.masking import apply_mask, brain_mask
+from tfgan_ct.masking import brain_mask
 from tfgan_ct.shards import FORMAT, FORMAT_VERSION, MANIFEST, RecordMeta, ShardWriter, encode
 from tfgan_ct.version import __version__
 
@@ -259,15 +259,17 @@ class _Task:
     """Slices of one series for one worker call."""
 
     plan_index: int
-    # (slice index, candidate files (first, then duplicates), frame, pixel spacing)
-    items: list[tuple[int, tuple[str, ...], int, tuple[float, float] | None]]
+    # (slice index, candidate files (first, then duplicates), frame, pixel spacing,
+    #  where the first file holds its pixels)
+    items: list[tuple[int, tuple[str, ...], int, tuple[float, float] | None, dicom_io.PixelLayout | None]]
     meta: RecordMeta  # modality, split, patient and series of every record
     cfg: Config
 
 
 def _tasks(plans: list[SeriesPlan], cfg: Config) -> Iterator[_Task]:
     for p, plan in enumerate(plans):
-        items = [(i, (f.path, *f.duplicates), f.frame, f.pixel_spacing) for i, f in enumerate(plan.frames)]
+        items = [(i, (f.path, *f.duplicates), f.frame, f.pixel_spacing, f.layout)
+                 for i, f in enumerate(plan.frames)]
         meta = RecordMeta(plan.modality, plan.split, plan.patient_hash, plan.series_hash, 0)
         for start in range(0, len(items), CHUNK):
             yield _Task(p, items[start:start + CHUNK], meta, cfg)
@@ -284,16 +286,17 @@ def process_task(task: _Task) -> tuple[int, list[SliceRecords], list[dicom_io.Sk
     for item in task.items:
         by_files[item[1]].append(item)
     for candidates, items in by_files.items():
-        frames = [frame for _, _, frame, _ in items]
+        frames = [frame for _, _, frame, _, _ in items]
         for n, path in enumerate(candidates):
             try:
-                images = dicom_io.read_hu(path, frames, task.cfg.convert.out_of_field_hu)
+                images = dicom_io.read_hu(path, frames, task.cfg.convert.out_of_field_hu,
+                                          layout=items[0][4] if n == 0 else None)
             except ValueError as exc:
                 skipped.append(dicom_io.Skipped(path, str(exc)))
                 continue
             skipped.extend(dicom_io.Skipped(other, f"duplicate image (same SOP instance as {path})")
                            for other in candidates[n + 1:])
-            for (index, _, _, spacing), hu in zip(items, images):
+            for (index, _, _, spacing, _), hu in zip(items, images):
                 result = prepare_slice(hu, index, spacing, task.meta.modality, task.cfg)
                 results.append(SliceRecords(index, slice_records(result, task.meta, task.cfg),
                                             bool(result.mask.any())))
@@ -312,11 +315,19 @@ def prepare_slice(hu: np.ndarray, index: int, spacing, modality: str, cfg: Confi
     s = cfg.convert.scale
     hu = hu[: hu.shape[0] - hu.shape[0] % s, : hu.shape[1] - hu.shape[1] % s]
     mask = brain_mask(hu, settings.mask_hu, cfg.convert.mask)
-    masked = apply_mask(hu, mask, settings.window.floor)
-    np.rint(masked, out=masked)
-    hr = np.clip(masked, -32768, 32767, out=masked).astype(np.int16)
+    hr = _rounded_int16(hu)
+    # The same as rounding apply_mask(hu, mask, floor), with one float temporary less.
+    np.copyto(hr, _rounded_int16(np.float32(settings.window.floor)), where=~mask)
     lr = resize.downscale(hr, s).astype(np.float32)
     return SliceResult(index, hr, lr, mask, tuple(spacing) if spacing else (0.0, 0.0))
+
+
+def _rounded_int16(hu: np.ndarray) -> np.ndarray:
+    """HU rounded half to even and clipped to int16 (clipping skipped when not needed)."""
+    rounded = np.rint(hu)
+    if rounded.size and (rounded.min() < -32768 or rounded.max() > 32767):
+        np.clip(rounded, -32768, 32767, out=rounded)
+    return rounded.astype(np.int16)
 
 
 def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summary: Summary,
