@@ -112,16 +112,11 @@ def iter_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
         for path in candidates:
-            if path.name.upper() == "DICOMDIR":
-                candidates_from_dir = _dicomdir_files(path)
-                for ref in candidates_from_dir:
-                    if ref.resolve() not in seen:
-                        seen.add(ref.resolve())
-                        yield ref
-                continue
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
-                yield path
+            for ref in _dicomdir_files(path) if path.name.upper() == "DICOMDIR" else [path]:
+                real = ref.resolve()  # once per file (it stats every folder on the way)
+                if real not in seen:
+                    seen.add(real)
+                    yield ref
 
 
 def _dicomdir_files(path: Path) -> list[Path]:
