@@ -153,10 +153,10 @@ def train_dataset(data_dir: str | Path, modality: str, cfg: Config,
         # Only what training needs: the images are already masked, so no `mask`.
         parsed = tf.io.parse_example(records, {"hr": tf.io.FixedLenFeature([], tf.string),
                                                "lr": tf.io.FixedLenFeature([], tf.string)})
-        hr = tf.reshape(tf.io.decode_raw(parsed["hr"], tf.int16), [batch, patch, patch])
-        lr = tf.reshape(tf.io.decode_raw(parsed["lr"], tf.float32),
-                        [batch, patch // scale, patch // scale])
-        lr, hr = _augment_and_window(lr, hr, _random_choice(batch, seed), window.floor,
+        # -1, not `batch`: tf.distribute may rebatch the dataset per replica.
+        hr = tf.reshape(tf.io.decode_raw(parsed["hr"], tf.int16), [-1, patch, patch])
+        lr = tf.reshape(tf.io.decode_raw(parsed["lr"], tf.float32), [-1, patch // scale, patch // scale])
+        lr, hr = _augment_and_window(lr, hr, _random_choice(tf.shape(hr)[0], seed), window.floor,
                                      1.0 / window.width, augment=cfg.data.augment)
         return {"lr": lr, "hr": hr}
 
