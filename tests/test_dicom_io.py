@@ -110,3 +110,33 @@ def test_fast_native_path_equals_pydicom(shared_data, phantom_dir):
 def test_header_pass_does_not_read_pixels(shared_data):
     frames = dicom_io.frames_of(shared_data / "dicom/bad/truncated_pixeldata.dcm")
     assert isinstance(frames, list)  # the header is fine; the pixels fail later, in read_hu
+
+
+def test_layout_from_header_pass_reads_what_a_full_read_gives(shared_data, phantom_dir):
+    """The pixel pass reads uncompressed pixels where the header pass found them, without a
+    second parse; the HU equal those of a full read (rescale per frame, padding, sign)."""
+    paths = [shared_data / "dicom/head-ncct/pydicom-data_693_UNCR.dcm",
+             shared_data / "dicom/head-ncct/DICOMSamples_CT_Explicit_Little.dcm",
+             shared_data / "dicom/cta/dwv_osirix-goudurix.dcm",
+             shared_data / "dicom/encodings/pydicom-data_eCT_Supplemental.dcm",
+             shared_data / "dicom/legacy/DICOMSamples_CT_Implicit_Little_Headless_Retired.dcm",
+             *[sorted(patient.rglob("*.dcm"))[0] for patient in sorted(phantom_dir.iterdir())]]
+    for path in paths:
+        frames = dicom_io.frames_of(path)
+        layout = frames[0].layout
+        assert layout is not None, path
+        indices = [f.frame for f in frames]
+        fast = dicom_io.read_hu(str(path), indices, -1500, layout=layout)
+        full = dicom_io.read_hu(str(path), indices, -1500)
+        for a, b in zip(fast, full):
+            assert a.dtype == np.float32
+            np.testing.assert_array_equal(a, b, err_msg=str(path))
+    compressed = dicom_io.frames_of(shared_data / "dicom/head-ncct/pydicom-data_693_J2KR.dcm")
+    assert compressed[0].layout is None
+
+
+def test_truncated_file_with_layout_still_reports_truncation(shared_data):
+    path = shared_data / "dicom/bad/truncated_pixeldata.dcm"
+    frames = dicom_io.frames_of(path)
+    with pytest.raises(ValueError, match="pixel data truncated"):
+        dicom_io.read_hu(str(path), [0], -1500, layout=frames[0].layout)

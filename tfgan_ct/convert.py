@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from tfgan_ct import dicom_io, modality as modality_rules, resize, splits
 from tfgan_ct.config import Config, ConfigError
 from tfgan_ct.fileio import atomic_write_text, staged_directory
 from tfgan_ct.logs import log_to_file
-from tfgan_ct.masking import apply_mask, brain_mask
+from tfgan_ct.masking import brain_mask
 from tfgan_ct.shards import FORMAT, FORMAT_VERSION, MANIFEST, RecordMeta, ShardWriter, encode
 from tfgan_ct.version import __version__
 
@@ -68,10 +67,14 @@ class SliceResult:
 
 @dataclass
 class SliceRecords:
-    """What a worker returns for one slice: its serialised records (none if no brain)."""
+    """What a worker returns for one slice: its serialised records (none if no brain).
+
+    From a worker process the records come back through a spool file instead,
+    and `records` holds their sizes in bytes (see `process_task`).
+    """
 
     slice_index: int
-    records: list[bytes]
+    records: list[bytes] | list[int]
     has_brain: bool
 
 
@@ -166,6 +169,10 @@ class _InProcess:
 # One BLAS/OpenMP thread per worker: the pool already uses every core, and
 # oversubscribed BLAS threads made conversion four times slower.
 _WORKER_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+# glibc malloc: keep freed memory in the heap for the next slice's arrays instead of
+# returning it to the system and faulting fresh zeroed pages in again (a slice
+# allocates a few MB; page faults were a fifth of a worker's CPU time).
+_WORKER_ENV.update(MALLOC_MMAP_THRESHOLD_=str(64 << 20), MALLOC_TRIM_THRESHOLD_=str(256 << 20))
 
 
 def _pool(workers: int):
@@ -181,14 +188,29 @@ def _pool(workers: int):
     saved = {name: os.environ.get(name) for name in _WORKER_ENV}
     os.environ.update(_WORKER_ENV)
     try:
-        # spawn: workers must not inherit TensorFlow's threads from the parent.
-        return multiprocessing.get_context("spawn").Pool(workers)
+        return _context().Pool(workers)
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def _context():
+    """Where worker processes come from: a fork server where there is one, else spawn.
+
+    Workers must not inherit TensorFlow's threads from the parent, so plain fork
+    is out. With spawn every worker imports NumPy, SciPy and pydicom itself
+    (about a second of CPU each); the fork server, a fresh process, imports them
+    once and forks the workers from itself, and stays up for later conversions
+    in the same process.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 def scan(inputs, pool, progress: bool) -> tuple[list[dicom_io.Frame], list[dicom_io.Skipped]]:
@@ -199,6 +221,8 @@ def scan(inputs, pool, progress: bool) -> tuple[list[dicom_io.Frame], list[dicom
         raise ConvertError(str(exc)) from None
     frames: list[dicom_io.Frame] = []
     skipped: list[dicom_io.Skipped] = []
+    from tqdm import tqdm  # here: worker processes import this module and never need it
+
     bar = tqdm(total=len(paths), desc="reading headers", unit="file", disable=not progress)
     for result in pool.imap(dicom_io.frames_of, paths, chunksize=32):
         bar.update()
@@ -268,47 +292,65 @@ class _Task:
     """Slices of one series for one worker call."""
 
     plan_index: int
-    # (slice index, candidate files (first, then duplicates), frame, pixel spacing)
-    items: list[tuple[int, tuple[str, ...], int, tuple[float, float] | None]]
+    # (slice index, candidate files (first, then duplicates), frame, pixel spacing,
+    #  where the first file holds its pixels)
+    items: list[tuple[int, tuple[str, ...], int, tuple[float, float] | None, dicom_io.PixelLayout | None]]
     meta: RecordMeta  # modality, split, patient and series of every record
     cfg: Config
+    spool: str | None = None  # file for the records, when run in a worker process
 
 
-def _tasks(plans: list[SeriesPlan], cfg: Config) -> Iterator[_Task]:
+def _tasks(plans: list[SeriesPlan], cfg: Config, spool: Path | None) -> Iterator[_Task]:
+    n = 0
     for p, plan in enumerate(plans):
-        items = [(i, (f.path, *f.duplicates), f.frame, f.pixel_spacing) for i, f in enumerate(plan.frames)]
+        items = [(i, (f.path, *f.duplicates), f.frame, f.pixel_spacing, f.layout)
+                 for i, f in enumerate(plan.frames)]
         meta = RecordMeta(plan.modality, plan.split, plan.patient_hash, plan.series_hash, 0)
         for start in range(0, len(items), CHUNK):
-            yield _Task(p, items[start:start + CHUNK], meta, cfg)
+            n += 1
+            path = None if spool is None else str(spool / f"{n}.bin")
+            yield _Task(p, items[start:start + CHUNK], meta, cfg, path)
 
 
-def process_task(task: _Task) -> tuple[int, list[SliceRecords], list[dicom_io.Skipped]]:
+def process_task(task: _Task) -> tuple[int, list[SliceRecords], list[dicom_io.Skipped], str | None]:
     """Worker: decode, mask, resize and serialise the slices of one task.
 
     Files are tried in order (an image stored twice has a second chance);
     every file that failed, or was not needed, comes back as a Skipped line.
+    The last item is the spool file holding the records, if any (`_unspool`).
     """
     results, skipped = [], []
     by_files: dict[tuple[str, ...], list] = defaultdict(list)
     for item in task.items:
         by_files[item[1]].append(item)
     for candidates, items in by_files.items():
-        frames = [frame for _, _, frame, _ in items]
+        frames = [frame for _, _, frame, _, _ in items]
         for n, path in enumerate(candidates):
             try:
-                images = dicom_io.read_hu(path, frames, task.cfg.convert.out_of_field_hu)
+                images = dicom_io.read_hu(path, frames, task.cfg.convert.out_of_field_hu,
+                                          layout=items[0][4] if n == 0 else None)
             except ValueError as exc:
                 skipped.append(dicom_io.Skipped(path, str(exc)))
                 continue
             skipped.extend(dicom_io.Skipped(other, f"duplicate image (same SOP instance as {path})")
                            for other in candidates[n + 1:])
-            for (index, _, _, spacing), hu in zip(items, images):
+            for (index, _, _, spacing, _), hu in zip(items, images):
                 result = prepare_slice(hu, index, spacing, task.meta.modality, task.cfg)
                 results.append(SliceRecords(index, slice_records(result, task.meta, task.cfg),
                                             bool(result.mask.any())))
             break
     results.sort(key=lambda r: r.slice_index)
-    return task.plan_index, results, skipped
+    spooled = task.spool is not None and any(result.records for result in results)
+    if spooled:
+        # Megabytes of records sent back through the pool's pipe (pickled, then read in
+        # small chunks) cost the main process more CPU than the whole record writing;
+        # through a file (read back and deleted at once, so usually never on disk) it is
+        # one write here and one read there.
+        with open(task.spool, "wb") as f:
+            for result in results:
+                f.writelines(result.records)
+                result.records = [len(r) for r in result.records]
+    return task.plan_index, results, skipped, task.spool if spooled else None
 
 
 def prepare_slice(hu: np.ndarray, index: int, spacing, modality: str, cfg: Config) -> SliceResult:
@@ -321,11 +363,19 @@ def prepare_slice(hu: np.ndarray, index: int, spacing, modality: str, cfg: Confi
     s = cfg.convert.scale
     hu = hu[: hu.shape[0] - hu.shape[0] % s, : hu.shape[1] - hu.shape[1] % s]
     mask = brain_mask(hu, settings.mask_hu, cfg.convert.mask)
-    masked = apply_mask(hu, mask, settings.window.floor)
-    np.rint(masked, out=masked)
-    hr = np.clip(masked, -32768, 32767, out=masked).astype(np.int16)
+    hr = _rounded_int16(hu)
+    # The same as rounding apply_mask(hu, mask, floor), with one float temporary less.
+    np.copyto(hr, _rounded_int16(np.float32(settings.window.floor)), where=~mask)
     lr = resize.downscale(hr, s).astype(np.float32)
     return SliceResult(index, hr, lr, mask, tuple(spacing) if spacing else (0.0, 0.0))
+
+
+def _rounded_int16(hu: np.ndarray) -> np.ndarray:
+    """HU rounded half to even and clipped to int16 (clipping skipped when not needed)."""
+    rounded = np.rint(hu)
+    if rounded.size and (rounded.min() < -32768 or rounded.max() > 32767):
+        np.clip(rounded, -32768, 32767, out=rounded)
+    return rounded.astype(np.int16)
 
 
 def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summary: Summary,
@@ -336,8 +386,13 @@ def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summar
     writers: dict[tuple[str, str], ShardWriter] = {}
     total = sum(len(p.frames) for p in plans)
     reported: set[str] = set()
+    from tqdm import tqdm
+
+    spool = None if isinstance(pool, _InProcess) else stage / ".spool"
+    if spool is not None:
+        spool.mkdir()
     bar = tqdm(total=total, desc="converting", unit="slice", disable=not progress)
-    for plan_index, results, skipped in pool.imap(process_task, _tasks(plans, cfg)):
+    for plan_index, results, skipped, spooled in pool.imap(process_task, _tasks(plans, cfg, spool)):
         plan = plans[plan_index]
         for item in skipped:
             if item.path not in reported:  # a multi-frame file can span several tasks
@@ -347,14 +402,31 @@ def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summar
         key = (plan.split, plan.modality)
         if key not in writers:
             writers[key] = ShardWriter(stage, plan.split, plan.modality, cfg.convert.shard_size)
+        if spooled is not None:
+            _unspool(results, Path(spooled))
         for result in results:
             _write_records(result, key, writers[key], summary)
         bar.update(len(results))
     bar.close()
+    if spool is not None:
+        spool.rmdir()
     shards: dict[str, list[dict]] = {split: [] for split in splits.SPLITS}
     for (split, _), writer in sorted(writers.items()):
         shards[split].extend(writer.close())
     return shards
+
+
+def _unspool(results: list[SliceRecords], path: Path) -> None:
+    """Put back the records that a worker wrote to spool file `path` (and delete the file)."""
+    data = path.read_bytes()
+    path.unlink()
+    offset = 0
+    for result in results:
+        records = []
+        for size in result.records:
+            records.append(data[offset:offset + size])
+            offset += size
+        result.records = records
 
 
 def _write_records(result: SliceRecords, key: tuple[str, str], writer: ShardWriter,

@@ -10,6 +10,12 @@ Two passes keep conversion fast and robust:
    applying RescaleSlope/Intercept (per frame for enhanced CT) and marking
    padding / out-of-field pixels as air.
 
+Each file is parsed once: for uncompressed little-endian 16-bit images (the
+usual CT archive) the header pass also notes where the pixels lie in the file
+(`PixelLayout`), and the pixel pass reads them from there without parsing the
+DICOM again; anything else (compressed, big endian, truncated, ...) is read in
+full by pydicom in the pixel pass.
+
 Identifying values (patient ID, UIDs) stay in memory for grouping; only
 salted hashes of them are ever written out.
 """
@@ -23,6 +29,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -49,6 +56,24 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class PixelLayout:
+    """Where the uncompressed 16-bit grey pixels of a file lie, noted by the header pass.
+
+    Reading `frames x rows x columns` values of `dtype` at byte `offset` gives
+    what `pixel_array` gives (a test checks), without a second parse of the file.
+    """
+
+    offset: int
+    dtype: str                      # "<i2" (signed) or "<u2"
+    frames: int
+    rows: int
+    columns: int
+    bits_stored: int
+    padding: int | None             # PixelPaddingValue as a stored value
+    rescale: tuple[tuple[float | None, float | None], ...]  # (slope, intercept) per frame
+
+
 @dataclass
 class Frame:
     """One CT image (a file, or one frame of a multi-frame file), header only.
@@ -72,6 +97,7 @@ class Frame:
     description: str                # series + study description + protocol name
     contrast_agent: str
     duplicates: list[str] = field(default_factory=list)  # other files holding the same image
+    layout: PixelLayout | None = None  # where `path` holds the pixels, if uncompressed
 
 
 def iter_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
@@ -86,16 +112,11 @@ def iter_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
         for path in candidates:
-            if path.name.upper() == "DICOMDIR":
-                candidates_from_dir = _dicomdir_files(path)
-                for ref in candidates_from_dir:
-                    if ref.resolve() not in seen:
-                        seen.add(ref.resolve())
-                        yield ref
-                continue
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
-                yield path
+            for ref in _dicomdir_files(path) if path.name.upper() == "DICOMDIR" else [path]:
+                real = ref.resolve()  # once per file (it stats every folder on the way)
+                if real not in seen:
+                    seen.add(real)
+                    yield ref
 
 
 def _dicomdir_files(path: Path) -> list[Path]:
@@ -164,9 +185,40 @@ def frames_of(path: Path) -> list[Frame] | Skipped:
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         return Skipped(str(path), f"not a grey-scale image (SamplesPerPixel {ds.SamplesPerPixel})")
     try:
-        return _frames_from_header(path, ds)
+        frames = _frames_from_header(path, ds)
     except (ValueError, TypeError, AttributeError, IndexError) as exc:
         return Skipped(str(path), f"unusable header ({exc})")
+    try:
+        layout = pixel_layout(ds)
+    except (ValueError, TypeError, AttributeError, IndexError):
+        layout = None  # the pixel pass reads the file in full and says what is wrong
+    for frame in frames:
+        frame.layout = layout
+    return frames
+
+
+def pixel_layout(ds: pydicom.Dataset) -> PixelLayout | None:
+    """Where `ds` (read with deferred pixel data) holds its pixels, for the uncompressed
+    little-endian 16-bit grey images that `_native_pixels` reads; None otherwise."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) or ds.get("BitsAllocated") != 16 \
+            or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)  # PixelData, not read
+    if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:  # encapsulated
+        return None
+    rows, cols, n = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1)
+    if elem.length < rows * cols * n * 2:
+        return None
+    dtype = "<i2" if int(ds.get("PixelRepresentation", 0)) == 1 else "<u2"
+    padding = ds.get("PixelPaddingValue")
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    return PixelLayout(
+        offset=int(elem.value_tell), dtype=dtype, frames=n, rows=rows, columns=cols,
+        bits_stored=int(ds.get("BitsStored", 16)),
+        padding=None if padding is None else int(_as_stored(padding, np.dtype(dtype))),
+        rescale=tuple(_rescale(ds, per_frame, shared, i) for i in range(n)))
 
 
 def _frames_from_header(path: Path, ds: pydicom.Dataset) -> list[Frame]:
@@ -268,13 +320,21 @@ def _float(value) -> float | None:
         return None
 
 
-def read_hu(path: str, frames: list[int], out_of_field_hu: float) -> list[np.ndarray]:
+def read_hu(path: str, frames: list[int], out_of_field_hu: float,
+            layout: PixelLayout | None = None) -> list[np.ndarray]:
     """Decode frames of one file to HU (float32, rows x columns each).
 
     Padding (PixelPaddingValue) and out-of-field values (at or below
-    `out_of_field_hu` after rescaling) become air (-1000 HU).
+    `out_of_field_hu` after rescaling) become air (-1000 HU). With the file's
+    `layout` from the header pass, the pixels are read straight from the file.
     Raises ValueError with a readable reason when the pixels cannot be decoded.
     """
+    if layout is not None:
+        stored = _read_layout(path, layout, frames)
+        if stored is not None:
+            return [_to_hu(pixels, *layout.rescale[i], layout.padding, out_of_field_hu)
+                    for i, pixels in zip(frames, stored)]
+        # the file is not what its header said (e.g. truncated): a full read explains
     ds = read_dataset(path, pixels=True)
     try:
         stack = _native_pixels(ds)
@@ -288,24 +348,57 @@ def read_hu(path: str, frames: list[int], out_of_field_hu: float) -> list[np.nda
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     padding = ds.get("PixelPaddingValue")
+    if padding is not None:
+        padding = _as_stored(padding, stack.dtype)
+    return [_to_hu(stack[i], *_rescale(ds, per_frame, shared, i), padding, out_of_field_hu)
+            for i in frames]
+
+
+def _rescale(ds, per_frame, shared, index: int) -> tuple[float | None, float | None]:
+    """(RescaleSlope, RescaleIntercept) of frame `index` (per-frame, shared or top level)."""
+    group = per_frame[index] if per_frame is not None and index < len(per_frame) else None
+    slope = _float(_lookup(ds, group, shared, "PixelValueTransformationSequence", "RescaleSlope"))
+    intercept = _float(_lookup(ds, group, shared, "PixelValueTransformationSequence", "RescaleIntercept"))
+    return slope, intercept
+
+
+def _to_hu(stored: np.ndarray, slope, intercept, padding, out_of_field_hu: float) -> np.ndarray:
+    """Stored values -> float32 HU, with padding and out-of-field pixels as air."""
+    hu = stored.astype(np.float32)
+    if slope is not None and slope != 1:
+        hu *= np.float32(slope)
+    if intercept:
+        hu += np.float32(intercept)
+    outside = hu <= out_of_field_hu
+    if padding is not None:
+        outside |= stored == padding
+    np.copyto(hu, np.float32(AIR_HU), where=outside)  # twice as fast as np.putmask
+    return hu
+
+
+def _read_layout(path: str, layout: PixelLayout, frames: list[int]) -> list[np.ndarray] | None:
+    """The stored values of `frames` read from `path` at `layout`; None if the file is too short."""
+    size = layout.rows * layout.columns
+    itemsize = np.dtype(layout.dtype).itemsize
     out = []
-    for i in frames:
-        group = per_frame[i] if per_frame is not None and i < len(per_frame) else None
-        slope = _float(_lookup(ds, group, shared, "PixelValueTransformationSequence", "RescaleSlope"))
-        intercept = _float(_lookup(ds, group, shared, "PixelValueTransformationSequence",
-                                   "RescaleIntercept"))
-        stored = stack[i]
-        hu = stored.astype(np.float32)
-        if slope is not None and slope != 1:
-            hu *= np.float32(slope)
-        if intercept:
-            hu += np.float32(intercept)
-        outside = hu <= out_of_field_hu
-        if padding is not None:
-            outside |= stored == _as_stored(padding, stored.dtype)
-        np.putmask(hu, outside, np.float32(AIR_HU))
-        out.append(hu)
+    try:
+        with open(path, "rb") as f:
+            for i in frames:
+                f.seek(layout.offset + i * size * itemsize)
+                pixels = np.fromfile(f, layout.dtype, count=size)
+                if pixels.size < size:
+                    return None
+                out.append(_sign_extend(pixels.reshape(layout.rows, layout.columns), layout.bits_stored))
+    except OSError:
+        return None
     return out
+
+
+def _sign_extend(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """Signed values stored in fewer than 16 bits, sign-extended (as `pixel_array`)."""
+    if pixels.dtype.kind == "i" and bits < 16:
+        return (pixels << (16 - bits)) >> (16 - bits)
+    return pixels
 
 
 def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
@@ -325,10 +418,7 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
                          f"({len(data)} vs {rows * cols * n * 2} bytes)")
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     pixels = np.frombuffer(data, "<i2" if signed else "<u2", count=rows * cols * n).reshape(n, rows, cols)
-    bits = int(ds.get("BitsStored", 16))
-    if signed and bits < 16:
-        pixels = (pixels << (16 - bits)) >> (16 - bits)
-    return pixels
+    return _sign_extend(pixels, int(ds.get("BitsStored", 16)))
 
 
 def _as_stored(value, dtype) -> int:

@@ -7,7 +7,8 @@ ventricles and contrast-filled vessels back in) -> a small dilation.
 Structuring elements are diamonds (city-block balls) of the given radius,
 applied as repeated 3x3-cross steps with array shifts; for radius 1 and 2
 these are exactly the digital disks. Connectivity is 4-neighbour throughout.
-The work is done on the bounding box of the thresholded pixels, which keeps a
+The work is done on the bounding box of the thresholded pixels, and after the
+largest component is found, on that component's bounding box, which keeps a
 512x512 slice at a few milliseconds (SciPy's generic binary morphology takes
 ten times longer).
 """
@@ -34,25 +35,50 @@ def brain_mask(hu: np.ndarray, hu_range: tuple[float, float], settings: MaskSett
     low, high = hu_range
     full = (hu >= low) & (hu <= high)
     out = np.zeros_like(full)
-    rows, cols = np.flatnonzero(full.any(axis=1)), np.flatnonzero(full.any(axis=0))
-    if rows.size == 0:
+    box = _bounding_box(full)
+    if box is None:
         return out
     size = max(hu.shape)
     opening = scaled_radius(settings.opening_radius, size)
     dilation = scaled_radius(settings.dilation_radius, size)
-    margin = dilation + 1  # room for the final dilation; opening never grows the mask
-    y0, y1 = max(rows[0] - margin, 0), min(rows[-1] + margin + 1, hu.shape[0])
-    x0, x1 = max(cols[0] - margin, 0), min(cols[-1] + margin + 1, hu.shape[1])
-    mask = full[y0:y1, x0:x1]
+    # Work on the bounding box of the thresholded pixels, with room for the final
+    # dilation (the opening never grows the mask).
+    crop = _grow(box, dilation + 1, hu.shape)
+    mask = full[crop]
     if opening > 0:
         mask = dilate(erode(mask, opening), opening)
-    mask = largest_component(mask)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return out
+    # The largest component, and from here on only its bounding box: its holes lie
+    # inside the box, and the dilation reaches `dilation` pixels beyond it. Both give
+    # the same result as on the whole crop, on far fewer pixels.
+    biggest = 1 if count == 1 else int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    component = labels == biggest
+    inner = _bounding_box(component)  # (ndimage.find_objects is slower than this)
+    component = component[inner]
     if settings.fill_holes:
-        mask = fill_holes(mask)
-    if dilation > 0 and mask.any():
-        mask = dilate(mask, dilation)
-    out[y0:y1, x0:x1] = mask
+        component = fill_holes(component)
+    y0, x0 = crop[0].start + inner[0].start, crop[1].start + inner[1].start
+    out[y0:y0 + component.shape[0], x0:x0 + component.shape[1]] = component
+    if dilation > 0:
+        box = (slice(y0, y0 + component.shape[0]), slice(x0, x0 + component.shape[1]))
+        region = _grow(box, dilation, hu.shape)
+        out[region] = dilate(out[region], dilation)
     return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """Smallest (rows, columns) slices holding every True pixel; None if there is none."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def _grow(box: tuple[slice, slice], margin: int, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """`box` grown by `margin` pixels on every side, within an array of `shape`."""
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
 
 
 def erode(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -92,15 +118,15 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill background regions not 4-connected to the border (as scipy's binary_fill_holes)."""
-    labels, count = ndimage.label(~mask)
-    if count == 0:
-        return mask
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    outside = np.zeros(count + 1, bool)
-    outside[border] = True
-    outside[0] = True  # label 0 is the mask itself
-    return mask | ~outside[labels]
+    """Fill background regions not 4-connected to the border (as scipy's binary_fill_holes).
+
+    The mask is framed by a ring of background, so everything connected to the
+    border is one background component, the one holding the corner: label 1.
+    """
+    framed = np.ones((mask.shape[0] + 2, mask.shape[1] + 2), bool)
+    framed[1:-1, 1:-1] = ~mask
+    labels, _ = ndimage.label(framed)
+    return labels[1:-1, 1:-1] != 1
 
 
 def apply_mask(hu: np.ndarray, mask: np.ndarray, floor_hu: float) -> np.ndarray:

@@ -22,7 +22,10 @@ Algorithm (per image dimension, following MATLAB's ``contributions``):
 The per-dimension weights are assembled into ``(out_len, in_len)`` matrices
 (cached), so a resize is two matrix products ``W_h @ image @ W_w.T`` per
 channel (``W_h`` sparse, ``W_w.T`` dense, so that no transposed copies are
-needed).
+needed). :func:`downscale` by an integer factor, the conversion's hot path,
+uses that every output pixel has the same taps (shifted by the factor): it
+pads the image symmetrically and applies the one kernel row as a small dense
+product over a strided view, several times faster, with the same weights.
 
 Values are processed in float64 with no rounding or clipping, so the
 functions work on Hounsfield units or ``[0, 1]`` intensities alike. Callers
@@ -36,7 +39,7 @@ import functools
 import math
 
 import numpy as np
-import scipy.sparse
+from numpy.lib.stride_tricks import as_strided
 
 _CUBIC_SUPPORT = 4.0
 
@@ -70,6 +73,16 @@ def contributions(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, 
         row sums to 1, indices are mirrored into ``[0, in_len)`` and columns
         whose weights are zero for every output pixel are removed.
     """
+    weights, indices = _taps(in_len, out_len, scale)
+    aux = np.concatenate([np.arange(in_len), np.arange(in_len - 1, -1, -1)])
+    indices = aux[np.mod(indices, aux.size)]
+    keep = np.any(weights != 0, axis=0)
+    return weights[:, keep], indices[:, keep]
+
+
+def _taps(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """MATLAB's normalised tap weights and 0-based source indices, before mirroring
+    (indices may lie outside ``[0, in_len)``), both ``(out_len, taps)``."""
     width = _CUBIC_SUPPORT
     if scale < 1:
         width = _CUBIC_SUPPORT / scale
@@ -81,20 +94,19 @@ def contributions(in_len: int, out_len: int, scale: float) -> tuple[np.ndarray, 
     dist = u[:, None] - indices
     weights = scale * cubic(scale * dist) if scale < 1 else cubic(dist)
     weights /= weights.sum(axis=1, keepdims=True)
-    aux = np.concatenate([np.arange(in_len), np.arange(in_len - 1, -1, -1)])
-    indices = aux[np.mod(indices.astype(np.int64) - 1, aux.size)]
-    keep = np.any(weights != 0, axis=0)
-    return weights[:, keep], indices[:, keep]
+    return weights, indices.astype(np.int64) - 1
 
 
 @functools.lru_cache(maxsize=64)
-def weight_matrix(in_len: int, out_len: int, scale: float) -> scipy.sparse.csr_matrix:
+def weight_matrix(in_len: int, out_len: int, scale: float) -> "scipy.sparse.csr_matrix":
     """Sparse resampling matrix ``W`` of shape ``(out_len, in_len)``.
 
     ``W @ v`` resizes a length-``in_len`` signal ``v`` to ``out_len`` samples.
     Mirrored taps that land on the same source pixel are summed. Cached on
     ``(in_len, out_len, scale)``; treat the result as read-only.
     """
+    import scipy.sparse  # here, not at the top: conversion workers never need it
+
     weights, indices = contributions(in_len, out_len, scale)
     rows = np.repeat(np.arange(out_len), weights.shape[1])
     matrix = scipy.sparse.csr_matrix(
@@ -112,7 +124,7 @@ def _dense_transposed(in_len: int, out_len: int, scale: float) -> np.ndarray:
     return dense
 
 
-def _apply_left(matrix: scipy.sparse.csr_matrix, image: np.ndarray) -> np.ndarray:
+def _apply_left(matrix: "scipy.sparse.csr_matrix", image: np.ndarray) -> np.ndarray:
     """``matrix @ image`` along axis 0: (H, W, C) -> (out_len, W, C), all channels at once."""
     height, width, channels = image.shape
     flat = np.asarray(matrix @ image.reshape(height, width * channels))
@@ -244,7 +256,83 @@ def downscale(image: np.ndarray, factor: int = 4) -> np.ndarray:
             f"{factor}, got {height}x{width}; crop the image first"
         )
     scales = (1.0 / factor, 1.0 / factor)
-    return _resize(_as_image(image), scales, (height // factor, width // factor))
+    rows, cols = _band(height, factor), _band(width, factor)
+    if rows is None or cols is None:
+        return _resize(_as_image(image), scales, (height // factor, width // factor))
+    arr = np.asarray(image)
+    if arr.ndim == 3:
+        return np.stack([_downscale_2d(arr[:, :, c], rows, cols, factor) for c in range(arr.shape[2])],
+                        axis=2)
+    return _downscale_2d(arr, rows, cols, factor)
+
+
+@functools.lru_cache(maxsize=16)
+def _band(in_len: int, factor: int) -> tuple[np.ndarray, int, int] | None:
+    """``(kernel, before, after)`` when every output sample of a 1/factor resize of
+    ``in_len`` samples uses the same weights on taps shifted by ``factor`` (true when
+    ``1/factor`` is exact, e.g. 2 and 4); None otherwise.
+
+    With the signal mirror-padded by ``before`` and ``after`` samples (MATLAB's
+    symmetric indices), output ``i`` is
+    ``kernel @ padded[i * factor : i * factor + kernel.size]``, with exactly the
+    weights of ``contributions``. The kernel is zero-padded to a multiple of ``factor``.
+    """
+    weights, indices = _taps(in_len, in_len // factor, 1.0 / factor)
+    keep = np.any(weights != 0, axis=0)
+    weights, indices = weights[:, keep], indices[:, keep]
+    first, taps = int(indices[0, 0]), indices.shape[1]
+    expected = first + factor * np.arange(len(indices))[:, None] + np.arange(taps)
+    before, after = -first, int(indices[-1, -1]) - (in_len - 1)
+    if np.any(weights != weights[0]) or np.any(indices != expected) \
+            or not (0 <= before <= in_len and 0 <= after <= in_len):
+        return None
+    extra = -taps % factor
+    kernel = np.concatenate([weights[0], np.zeros(extra)])
+    kernel.flags.writeable = False
+    return kernel, before, after + extra
+
+
+def _downscale_2d(image: np.ndarray, rows, cols, factor: int) -> np.ndarray:
+    """Banded 1/factor resize of a (H, W) array: height first, then width, in float64.
+
+    Heights: for each output row a (taps,) @ (taps, W) product over a strided view
+    of the padded rows (no copies). Widths: the padded columns are grouped by the
+    factor, one small product per group position, then shifted sums.
+    """
+    kernel, before, after = rows
+    padded = _mirror_pad(image, before, after, axis=0)
+    out_len, taps = image.shape[0] // factor, kernel.size
+    view = as_strided(padded, shape=(out_len, taps, padded.shape[1]),
+                      strides=(factor * padded.strides[0], *padded.strides), writeable=False)
+    tall = np.matmul(kernel, view)                                   # (H / f, W)
+
+    kernel, before, after = cols
+    padded = _mirror_pad(tall, before, after, axis=1)
+    out_len, groups = image.shape[1] // factor, kernel.size // factor
+    # parts[i, m, q] = sum_r padded[i, m * f + r] * kernel[q * f + r]
+    parts = padded.reshape(len(tall), -1, factor) @ kernel.reshape(groups, factor).T
+    out = parts[:, :out_len, 0].copy()
+    for q in range(1, groups):
+        out += parts[:, q:q + out_len, q]
+    return out
+
+
+def _mirror_pad(image: np.ndarray, before: int, after: int, axis: int) -> np.ndarray:
+    """float64 copy of a (H, W) `image` with `before`/`after` samples mirrored along
+    `axis` as MATLAB's symmetric indices (``... 1 0 | 0 1 ... n-1 | n-1 n-2 ...``)."""
+    n = image.shape[axis]
+    shape = list(image.shape)
+    shape[axis] = n + before + after
+    padded = np.empty(shape)
+    ahead = (slice(None),) * axis
+    padded[ahead + (slice(before, before + n),)] = image
+    if before:
+        padded[ahead + (slice(0, before),)] = image[ahead + (slice(before - 1, None, -1) if before < n
+                                                              else slice(None, None, -1),)]
+    if after:
+        padded[ahead + (slice(before + n, None),)] = image[ahead + (slice(n - 1, n - 1 - after, -1) if after < n
+                                                                   else slice(None, None, -1),)]
+    return padded
 
 
 def upscale(image: np.ndarray, factor: int = 4) -> np.ndarray:

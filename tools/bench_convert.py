@@ -5,7 +5,9 @@
 Prints slices/s for (a) reading and decoding every file with plain pydicom in
 one process, the baseline, and (b) the whole conversion (header pass,
 decoding, masking, MATLAB-style resize, patch extraction, TFRecord writing,
-manifest) with the given number of worker processes, and their ratio.
+manifest) with the given number of worker processes, and their ratio; then
+(c) the conversion in this one process (`--workers 1`) with the CPU time it
+used, a figure that shared cores disturb less than the wall-clock rates.
 TensorFlow is imported before timing; start-up is not counted.
 """
 from __future__ import annotations
@@ -64,6 +66,11 @@ def main(argv=None) -> None:
               f"(best of {args.repeats}: {', '.join(f'{t:.2f}' for t in times)} s)")
         print(f"ratio convert / plain read           : {base / best:8.2f}")
         print(f"records written                      : {sum(summary.records.values())}")
+        start, cpu = time.perf_counter(), time.process_time()
+        convert([tmp / "dicom"], tmp / "single", Config(), workers=1, progress=False)
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        print(f"convert in one process (--workers 1) : {n / wall:8.1f} slices/s, "
+              f"{n / cpu:.1f} slices per CPU second")
 
 
 if __name__ == "__main__":
