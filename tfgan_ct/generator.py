@@ -22,6 +22,7 @@ biases start at zero (PyTorch draws them uniformly: a deliberate simplification)
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 RESIDUAL_SCALE = 0.2
@@ -84,23 +85,19 @@ class ResidualDenseBlock(layers.Layer):
         """
         convs = self._convs()
         dtype = x.dtype
-        kernels = [keras.ops.cast(c.kernel, dtype) for c in convs]
-        biases = [keras.ops.cast(c.bias, dtype) for c in convs]
+        kernels = [tf.cast(c.kernel, dtype) for c in convs]
+        biases = [tf.cast(c.bias, dtype) for c in convs]
         widths = [self.features] + [self.growth] * 4       # channels of x, x1, .., x4
         sums = [None] * 5                                   # pre-activation of conv1 .. conv5
         source, offset = x, 0
         for part in range(5):
-            fused = keras.ops.concatenate(
-                [k[:, :, offset:offset + widths[part], :] for k in kernels[part:]], axis=-1)
-            y = keras.ops.conv(source, fused, strides=1, padding="same")
-            sizes = [self.growth] * (4 - part) + [self.features]
-            start = 0
-            for j, size in zip(range(part, 5), sizes):
-                piece = y[..., start:start + size]
+            fused = tf.concat([k[:, :, offset:offset + widths[part], :] for k in kernels[part:]], axis=-1)
+            y = tf.nn.conv2d(source, fused, strides=1, padding="SAME")
+            pieces = tf.split(y, [self.growth] * (4 - part) + [self.features], axis=-1)
+            for j, piece in zip(range(part, 5), pieces):
                 sums[j] = piece if sums[j] is None else sums[j] + piece
-                start += size
             if part < 4:
-                source = self.act(sums[part] + biases[part])
+                source = tf.nn.leaky_relu(sums[part] + biases[part], alpha=0.2)
             offset += widths[part]
         return x + RESIDUAL_SCALE * (sums[4] + biases[4])
 
