@@ -63,6 +63,14 @@ def main(verbose: int, quiet: bool) -> None:
     setup_logging(-1 if quiet else verbose)
 
 
+def _split_options(cfg, split: str | None, seed: int | None) -> None:
+    """--split and --seed of the two convert commands, over the config's values."""
+    if split is not None:
+        cfg.convert.split = split
+    if seed is not None:
+        cfg.convert.seed = seed
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
@@ -87,10 +95,7 @@ def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, n
     from tfgan_ct.config import ConfigError
     from tfgan_ct.convert import ConvertError, convert as run
 
-    if split is not None:
-        cfg.convert.split = split
-    if seed is not None:
-        cfg.convert.seed = seed
+    _split_options(cfg, split, seed)
     try:
         summary = run(inputs, out, cfg, modality=modality, split_csv=split_csv, workers=workers,
                       overwrite=overwrite, progress=not no_progress)
@@ -126,10 +131,7 @@ def convert_images(inputs, out, split, split_csv, seed, workers, overwrite, no_p
     from tfgan_ct.convert import ConvertError
     from tfgan_ct.images import convert_images as run
 
-    if split is not None:
-        cfg.convert.split = split
-    if seed is not None:
-        cfg.convert.seed = seed
+    _split_options(cfg, split, seed)
     try:
         summary = run(inputs, out, cfg, split_csv=split_csv, workers=workers, overwrite=overwrite,
                       progress=not no_progress)
@@ -289,7 +291,7 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
 @config_options
 def compare(methods, data_dir, out, indices, count, roi, panel, modality, split, models_dir, tile, tile_pad,
             cfg):
-    """Figure like the paper's Fig. 2: LR (bicubic), each of METHODS, ground truth, enlarged region."""
+    """Comparison figure in the style of the paper's Figure 2: bicubic, METHODS, ground truth, zoomed region."""
     from tfgan_ct.figure import compare as make
     from tfgan_ct.fileio import atomic_write_bytes
 
