@@ -291,7 +291,7 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
 @config_options
 def compare(methods, data_dir, out, indices, count, roi, panel, modality, split, models_dir, tile, tile_pad,
             cfg):
-    """Comparison figure in the style of the paper's Figure 2: bicubic, METHODS, ground truth, zoomed region."""
+    """Figure in the style of the paper's Figure 2: bicubic, METHODS, ground truth, zoomed region."""
     from tfgan_ct.figure import compare as make
     from tfgan_ct.fileio import atomic_write_bytes
 
