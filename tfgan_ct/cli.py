@@ -220,14 +220,16 @@ _TILE_PAD = click.option("--tile-pad", type=int, default=16, show_default=True,
                          help="LR pixels of context around each tile.")
 _SPLIT = click.option("--split", type=click.Choice(["test", "validation"]), default="test",
                       show_default=True, help="Which slices of the dataset to use.")
+_METHODS = click.argument("methods", nargs=-1, required=True)
+_DATA = click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
+                     help="Dataset folder made by `tfgan-ct convert`.")
 _MODALITY = click.option("--modality", type=click.Choice(["ncct", "ctp", "cta", "natural"]), default=None,
                          help="Modality of the slices (default: the only one the split holds).")
 
 
 @main.command()
-@click.argument("methods", nargs=-1, required=True)
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Dataset folder made by `tfgan-ct convert`.")
+@_METHODS
+@_DATA
 @click.option("--out", default="evaluation", show_default=True, type=click.Path(file_okay=False),
               help="Folder for per_slice.csv, table.md, table.json and evaluate.log.")
 @click.option("--baseline", default="bicubic", show_default=True,
@@ -272,9 +274,8 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
 
 
 @main.command()
-@click.argument("methods", nargs=-1, required=True)
-@click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="Dataset folder made by `tfgan-ct convert`.")
+@_METHODS
+@_DATA
 @click.option("--out", default="compare.png", show_default=True, type=click.Path(dir_okay=False),
               help="PNG file to write.")
 @click.option("--slices", "indices", default=None, metavar="I,J,...",
@@ -292,8 +293,7 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
 def compare(methods, data_dir, out, indices, count, roi, panel, modality, split, models_dir, tile, tile_pad,
             cfg):
     """Figure in the style of the paper's Figure 2: bicubic, METHODS, ground truth, zoomed region."""
-    from tfgan_ct.figure import compare as make
-    from tfgan_ct.fileio import atomic_write_bytes
+    from tfgan_ct.figure import compare as make, save_png
 
     try:
         index_list = [int(v) for v in indices.split(",")] if indices else None
@@ -308,11 +308,7 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
         image = make(slices, loaded, count, index_list, region, panel, tile, tile_pad)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    atomic_write_bytes(Path(out), buffer.getvalue())
+    save_png(image, out)
     click.echo(f"wrote {out} ({image.width}x{image.height})")
 
 

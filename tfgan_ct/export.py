@@ -127,10 +127,10 @@ def resolve(spec: str, models_dir: str | Path) -> Path:
 
 
 def read_metadata(path: Path) -> dict:
-    """The metadata JSON of an export ({} if it has none)."""
+    """The metadata JSON of an export ({} if it has none or it is unreadable)."""
     try:
         return json.loads((Path(path) / METADATA).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
 

@@ -9,6 +9,7 @@ windowed slices, shown as 8-bit grey.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -23,6 +24,17 @@ BOX_COLOUR = (255, 64, 64)
 TEXT_COLOUR = (235, 235, 235)
 BACKGROUND = (16, 16, 16)
 MARGIN = 6
+
+
+def save_png(image: Image.Image, path) -> None:
+    """Write `image` as a PNG at `path` atomically (temporary name, then rename)."""
+    import io
+
+    from tfgan_ct.fileio import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    atomic_write_bytes(Path(path), buffer.getvalue())
 
 
 def pick_slices(slices: list[Slice], count: int) -> list[int]:

@@ -23,7 +23,6 @@ near the seams, as in Real-ESRGAN.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +70,8 @@ def saved_model(path: str | Path, name: str | None = None) -> Method:
     """An exported stage at `path` (a version folder), called with plain TensorFlow."""
     import tensorflow as tf
 
+    from tfgan_ct.export import read_metadata
+
     path = Path(path)
     try:
         loaded = tf.saved_model.load(str(path))
@@ -78,7 +79,7 @@ def saved_model(path: str | Path, name: str | None = None) -> Method:
     except (OSError, ValueError, KeyError) as exc:
         raise InferenceError(f"{path}: cannot load a SavedModel with a serving_default signature "
                              f"({exc})") from None
-    metadata = _metadata(path)
+    metadata = read_metadata(path)
 
     def predict(lr: np.ndarray) -> np.ndarray:
         return signature(lr=tf.constant(_check_batch(lr)))["sr"].numpy()
@@ -129,13 +130,6 @@ def _default_name(path: Path, metadata: dict) -> str:
     if metadata.get("stage") and metadata.get("version"):
         return f"{metadata['stage']}@{metadata['version']}"
     return path.name
-
-
-def _metadata(path: Path) -> dict:
-    try:
-        return json.loads((path / "tfgan_ct.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def _check_batch(lr: np.ndarray) -> np.ndarray:

@@ -62,8 +62,8 @@ def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwr
         progress: bool = True) -> QuickstartResult:
     """Run every step; returns the paths of the results and the measured tables."""
     from tfgan_ct import convert, evaluate, images, inference, phantom, upscale
-    from tfgan_ct.figure import compare
-    from tfgan_ct.fileio import atomic_write_bytes, atomic_write_text
+    from tfgan_ct.figure import compare, save_png
+    from tfgan_ct.fileio import atomic_write_text
     from tfgan_ct.logs import log_to_file
     from tfgan_ct.train import train_stage
 
@@ -111,10 +111,8 @@ def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwr
             evaluate.write_outputs(scores, table, out / "evaluation" / stage)
             result.tables[stage] = table
             sections.append(evaluate.markdown(table))
-            figure = compare(slices, methods, count=1, panel=256)
-            path = out / "figures" / f"{stage}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, _png(figure))
+            (out / "figures").mkdir(exist_ok=True)
+            save_png(compare(slices, methods, count=1, panel=256), out / "figures" / f"{stage}.png")
         atomic_write_text(out / "table1.md", "\n".join(sections))
         result.paths.update({"table": out / "table1.md", "evaluation": out / "evaluation",
                              "figures": out / "figures", "models": out / "saved_models",
@@ -141,11 +139,3 @@ def summary_lines(result: QuickstartResult) -> list[str]:
     for name, path in result.paths.items():
         lines.append(f"  {name:20s} {path}")
     return lines
-
-
-def _png(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
