@@ -1,10 +1,14 @@
 """The tf.data input pipeline over converted shards."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tfgan_ct import data, resize
 from tfgan_ct.config import Window
+from tfgan_ct.shards import decode_numpy, read_records
 
 
 def test_train_batches(converted, small_cfg):
@@ -42,6 +46,42 @@ def test_eval_slices_and_window(converted, small_cfg):
     np.testing.assert_allclose(data.to_unit(tf.constant([-100.0, 0.0, 40.0, 200.0]), w).numpy(),
                                [0.0, 0.0, 0.5, 1.0])
     np.testing.assert_allclose(data.to_hu(tf.constant([0.5]), w).numpy(), [40.0])
+
+
+def _eval_masks(folder, cfg):
+    return [item["mask"].numpy()[..., 0] for item in data.eval_dataset(folder, "test", "ncct", cfg)]
+
+
+def test_eval_masks_match_the_records_and_format_1_still_reads(tmp_path, converted, small_cfg):
+    """Masks are bit-packed since format 2; a format-1 dataset (a byte per pixel) still reads."""
+    out, _ = converted
+    files = data.shard_files(out, "test", "ncct")
+    expected = [r["mask"] for f in files for r in read_records(f)]
+    got = _eval_masks(out, small_cfg)
+    assert len(got) == len(expected) and all(np.array_equal(g, e) for g, e in zip(got, expected))
+    assert any(m.any() and not m.all() for m in got)
+
+    old = tmp_path / "v1"
+    old.mkdir()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    for f in files:
+        with tf.io.TFRecordWriter(str(old / Path(f).name)) as writer:
+            for record in tf.data.TFRecordDataset(f):
+                ex = tf.train.Example.FromString(record.numpy())
+                h, w = (ex.features.feature[k].int64_list.value[0] for k in ("height", "width"))
+                mask = decode_numpy(record.numpy())["mask"]
+                ex.features.feature["mask"].bytes_list.value[0] = mask.astype(np.uint8).tobytes()
+                assert mask.shape == (h, w)
+                writer.write(ex.SerializeToString())
+    got_v1 = _eval_masks(old, small_cfg)
+    assert all(np.array_equal(g, e) for g, e in zip(got_v1, expected))
+
+    manifest["format_version"] = 99
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(data.DataError, match="format version 99 is newer"):
+        data.load_manifest(old)
 
 
 def test_distributed_input_reads_disjoint_files(converted, small_cfg):

@@ -34,6 +34,15 @@ def test_round_trip_through_tensorflow_protobuf():
     np.testing.assert_array_equal(tf.io.decode_raw(parsed["hr"], tf.int16).numpy().reshape(16, 12), hr)
 
 
+def test_mask_is_bit_packed_and_format_1_masks_still_read():
+    hr, lr, mask, meta = sample()
+    ex = tf.train.Example.FromString(encode(hr, lr, mask, meta, 4))
+    assert len(ex.features.feature["mask"].bytes_list.value[0]) == 16 * 12 // 8
+    # format version 1: one 0/1 byte per pixel
+    ex.features.feature["mask"].bytes_list.value[0] = mask.astype(np.uint8).tobytes()
+    np.testing.assert_array_equal(decode_numpy(ex.SerializeToString())["mask"], mask)
+
+
 def test_writer_rolls_shards_and_renames_atomically(tmp_path):
     hr, lr, mask, meta = sample()
     writer = ShardWriter(tmp_path, "train", "cta", shard_size=2)

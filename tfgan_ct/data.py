@@ -26,7 +26,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfgan_ct.config import Config, Window
-from tfgan_ct.shards import FORMAT, MANIFEST
+from tfgan_ct.shards import FORMAT, FORMAT_VERSION, MANIFEST
 
 log = logging.getLogger("tfgan_ct.data")
 
@@ -48,6 +48,9 @@ def load_manifest(data_dir: str | Path) -> dict:
         raise DataError(f"{path}: unreadable manifest ({exc})") from None
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a tfgan-ct dataset manifest")
+    if manifest.get("format_version", 1) > FORMAT_VERSION:
+        raise DataError(f"{path}: dataset format version {manifest['format_version']} is newer than "
+                        f"this tfgan-ct reads ({FORMAT_VERSION}); upgrade tfgan-ct")
     return manifest
 
 
@@ -187,13 +190,19 @@ def eval_dataset(data_dir: str | Path, split: str, modality: str, cfg: Config) -
     """
     window = cfg.modalities.get(modality).window
     files = shard_files(data_dir, split, modality)
+    packed_mask = load_manifest(data_dir).get("format_version", 1) >= 2
 
     def parse(record):
         ex = tf.io.parse_single_example(record, EVAL_FEATURES)
         h, w, s = ex["height"], ex["width"], ex["scale"]
         hr = tf.reshape(tf.io.decode_raw(ex["hr"], tf.int16), tf.stack([h, w, 1]))
         lr = tf.reshape(tf.io.decode_raw(ex["lr"], tf.float32), tf.stack([h // s, w // s, 1]))
-        mask = tf.reshape(tf.io.decode_raw(ex["mask"], tf.uint8), tf.stack([h, w, 1])) > 0
+        mask = tf.io.decode_raw(ex["mask"], tf.uint8)
+        if packed_mask:  # 8 pixels per byte, first pixel in the high bit
+            shifts = tf.constant([7, 6, 5, 4, 3, 2, 1, 0], tf.uint8)
+            mask = tf.reshape(tf.bitwise.right_shift(mask[:, None], shifts) & 1,
+                              [-1])[:h * w]
+        mask = tf.reshape(mask, tf.stack([h, w, 1])) > 0
         return {"lr": to_unit(lr, window), "hr": to_unit(hr, window), "mask": mask,
                 "patient": ex["patient"], "series": ex["series"], "slice_index": ex["slice_index"]}
 
