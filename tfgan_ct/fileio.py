@@ -13,11 +13,21 @@ from pathlib import Path
 from typing import Iterator
 
 
+def default_mode(base: int) -> int:
+    """Permission bits that open() (`base` 0o666) or mkdir() (0o777) would give here: `base`
+    less the process umask. `tempfile` creates owner-only files and folders; outputs that
+    other users (a TF Serving account, colleagues) must read get these bits instead."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return base & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file in the same folder."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, default_mode(0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -45,6 +55,7 @@ def staged_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
+        os.chmod(stage, default_mode(0o777))
         yield stage
         replace_directory(stage, final, overwrite)
     except BaseException:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfgan_ct.fileio import default_mode
 from tfgan_ct.shards import _field  # protobuf length-delimited field (wire type 2)
 
 STAGE_ORDER = ("natural", "ncct", "ctp", "cta")
@@ -155,7 +156,7 @@ def write_warmup(export_dir: str | Path, sizes=WARMUP_SIZES, model_name: str | N
         with tf.io.TFRecordWriter(tmp) as writer:
             for batch, height, width in sizes:
                 writer.write(warmup_record((batch, height, width, 1), model_name))
-        os.chmod(tmp, 0o644)        # mkstemp makes it owner-only; the server may run as another user
+        os.chmod(tmp, default_mode(0o666))  # mkstemp makes it owner-only; the server may run as another user
         os.replace(tmp, folder / WARMUP_FILE)
     finally:
         Path(tmp).unlink(missing_ok=True)
