@@ -54,9 +54,12 @@ def load_manifest(data_dir: str | Path) -> dict:
     return manifest
 
 
-def shard_files(data_dir: str | Path, split: str, modality: str) -> list[str]:
-    """Paths of the shards of `split` holding `modality`, checked to exist."""
-    manifest = load_manifest(data_dir)
+def shard_files(data_dir: str | Path, split: str, modality: str, manifest: dict | None = None) -> list[str]:
+    """Paths of the shards of `split` holding `modality`, checked to exist.
+
+    `manifest`: the dataset's already loaded manifest (read from `data_dir` when None).
+    """
+    manifest = manifest or load_manifest(data_dir)
     files = [str(Path(data_dir) / s["file"]) for s in manifest["shards"].get(split, [])
              if s["modality"] == modality]
     if not files:
@@ -132,7 +135,7 @@ def train_dataset(data_dir: str | Path, modality: str, cfg: Config,
                   seed: int | None = None) -> tf.data.Dataset:
     """Endless shuffled, augmented training batches of `modality` (see the module docstring)."""
     manifest = load_manifest(data_dir)
-    files = shard_files(data_dir, "train", modality)
+    files = shard_files(data_dir, "train", modality, manifest)
     patch, scale = manifest["patch_size"], manifest["scale"]
     window = cfg.modalities.get(modality).window
     batch = cfg.data.batch_size
@@ -189,8 +192,9 @@ def eval_dataset(data_dir: str | Path, split: str, modality: str, cfg: Config) -
     patient / series (pseudonymous hashes), slice_index.
     """
     window = cfg.modalities.get(modality).window
-    files = shard_files(data_dir, split, modality)
-    packed_mask = load_manifest(data_dir).get("format_version", 1) >= 2
+    manifest = load_manifest(data_dir)
+    files = shard_files(data_dir, split, modality, manifest)
+    packed_mask = manifest.get("format_version", 1) >= 2
 
     def parse(record):
         ex = tf.io.parse_single_example(record, EVAL_FEATURES)

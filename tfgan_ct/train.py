@@ -108,7 +108,7 @@ def train_stage(stage: str, data_dir: str | Path, cfg: Config, warm_start: str =
     modality = stage  # the natural stage reads modality "natural"
     try:
         manifest = data.load_manifest(data_dir)
-        data.shard_files(data_dir, "train", modality)
+        data.shard_files(data_dir, "train", modality, manifest)
     except data.DataError as exc:
         raise TrainingError(str(exc)) from None
     parent = resolve_warm_start(stage, warm_start, models_dir)
