@@ -54,3 +54,71 @@ def test_dense_block_by_source_equals_the_straightforward_block():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
     assert [v.path for v in block.variables][:2] == ["residual_dense_block/conv1/kernel",
                                                      "residual_dense_block/conv1/bias"]
+
+
+def _conv_twin(layer, x, rng):
+    """A stock keras Conv2D with `layer`'s (randomised, non-zero bias) weights."""
+    import keras
+
+    layer.build(x.shape)
+    layer.bias.assign(rng.normal(size=layer.bias.shape).astype("float32"))
+    twin = keras.layers.Conv2D(layer.filters, 3, padding="same")
+    twin.build(x.shape)
+    twin.set_weights(layer.get_weights())
+    return twin
+
+
+def _same_output_and_gradients(ours, reference, x, variables_a, variables_b):
+    import tensorflow as tf
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        a, b = ours(x), reference(x)
+        loss_a, loss_b = tf.reduce_sum(a * a), tf.reduce_sum(b * b)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+    for u, v in zip(tape.gradient(loss_a, [x, *variables_a]), tape.gradient(loss_b, [x, *variables_b])):
+        np.testing.assert_allclose(u.numpy(), v.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("h, w", [(5, 7), (8, 8), (1, 3)])
+def test_upsample_conv_equals_nearest_upsampling_then_conv(h, w):
+    import keras
+    import tensorflow as tf
+
+    from tfgan_ct.generator import UpsampleConv2D
+
+    rng = np.random.default_rng(h * w)
+    x = tf.constant(rng.normal(size=(2, h, w, 6)).astype("float32"))
+    layer = UpsampleConv2D(4)
+    twin = _conv_twin(layer, x, rng)
+    upsample = keras.layers.UpSampling2D(2, interpolation="nearest")
+    _same_output_and_gradients(layer, lambda t: twin(upsample(t)), x,
+                               layer.trainable_variables, twin.trainable_variables)
+    assert tuple(layer(x).shape) == (2, 2 * h, 2 * w, 4)
+
+
+@pytest.mark.parametrize("filters", [4, 1])  # the two branches of the filter gradient
+def test_high_res_conv_equals_conv2d_with_its_gradients(filters):
+    import tensorflow as tf
+
+    from tfgan_ct.generator import HighResConv2D
+
+    rng = np.random.default_rng(filters)
+    x = tf.constant(rng.normal(size=(2, 9, 7, 5)).astype("float32"))
+    layer = HighResConv2D(filters)
+    twin = _conv_twin(layer, x, rng)
+    _same_output_and_gradients(layer, twin, x, layer.trainable_variables, twin.trainable_variables)
+
+
+def test_custom_layers_refuse_other_convolutions():
+    from tfgan_ct.generator import HighResConv2D, UpsampleConv2D
+
+    for cls in (HighResConv2D, UpsampleConv2D):
+        with pytest.raises(ValueError, match="plain 3x3"):
+            cls(4, kernel_size=5)
+
+
+def test_tail_keeps_esrgan_variable_paths():
+    g = build_generator(num_blocks=1, features=8, growth=4)
+    paths = {v.path for v in g.variables}
+    assert {"up_conv1/kernel", "up_conv2/bias", "hr_conv/kernel", "conv_last/bias"} <= paths

@@ -85,20 +85,22 @@ class ResidualDenseBlock(layers.Layer):
         """
         convs = self._convs()
         dtype = x.dtype
-        kernels = [tf.cast(c.kernel, dtype) for c in convs]
-        biases = [tf.cast(c.bias, dtype) for c in convs]
         widths = [self.features] + [self.growth] * 4       # channels of x, x1, .., x4
+        # conv_k's kernel split by source along its input channels: by_source[k][part].
+        # One split per kernel rather than slices: the gradient of a split is one
+        # concatenation, that of each slice a zero-filled kernel-sized tensor plus a sum.
+        by_source = [tf.split(tf.cast(c.kernel, dtype), widths[:k + 1], axis=2) for k, c in enumerate(convs)]
+        biases = [tf.cast(c.bias, dtype) for c in convs]
         sums = [None] * 5                                   # pre-activation of conv1 .. conv5
-        source, offset = x, 0
+        source = x
         for part in range(5):
-            fused = tf.concat([k[:, :, offset:offset + widths[part], :] for k in kernels[part:]], axis=-1)
+            fused = tf.concat([by_source[k][part] for k in range(part, 5)], axis=-1)
             y = tf.nn.conv2d(source, fused, strides=1, padding="SAME")
             pieces = tf.split(y, [self.growth] * (4 - part) + [self.features], axis=-1)
             for j, piece in zip(range(part, 5), pieces):
                 sums[j] = piece if sums[j] is None else sums[j] + piece
             if part < 4:
                 source = tf.nn.leaky_relu(sums[part] + biases[part], alpha=0.2)
-            offset += widths[part]
         return x + RESIDUAL_SCALE * (sums[4] + biases[4])
 
     def reference_call(self, x):
@@ -110,6 +112,108 @@ class ResidualDenseBlock(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "features": self.features, "growth": self.growth}
+
+
+@keras.saving.register_keras_serializable(package="tfgan_ct")
+class UpsampleConv2D(layers.Conv2D):
+    """Nearest-neighbour x2 upsampling, then this 3x3 'same' convolution: [b, h, w, c] -> [b, 2h, 2w, filters].
+
+    Same variables (a 3x3 kernel and a bias), same result as ESRGAN's
+    `conv(interpolate(x, scale_factor=2, mode='nearest'))`, but computed at the
+    input's resolution ("sub-pixel" form): after nearest upsampling, each of the
+    four output phases (row parity a, column parity b) sees only the input
+    pixels at offsets -1/0 (phase 0) or 0/+1 (phase 1), with two of the three
+    kernel taps summed. So one 3x3 convolution of x with the four phase kernels
+    side by side (4 x filters outputs), then depth_to_space, gives the same
+    output with the same multiply count. TensorFlow's CPU convolutions run this
+    wide, low-resolution shape about twice as fast as the narrow one at 2x
+    resolution, most of all in the backward pass (tools/bench_train.py), and the
+    upsampled copy of x is never made.
+    """
+
+    def __init__(self, filters: int, **kwargs):
+        kwargs.setdefault("kernel_size", 3)
+        kwargs.setdefault("padding", "same")
+        super().__init__(filters, **kwargs)
+        _check_plain_3x3(self)
+
+    def call(self, x):
+        kernel = tf.cast(self.kernel, x.dtype)                       # [3, 3, c, filters]
+        phases = [k for rows in _phase_kernels(kernel, 0) for k in _phase_kernels(rows, 1)]
+        y = tf.nn.conv2d(x, tf.concat(phases, axis=-1), strides=1, padding="SAME")
+        y = tf.nn.bias_add(y, tf.tile(tf.cast(self.bias, x.dtype), [4]))
+        # channel (2a + b) * filters + f -> pixel (2i + a, 2j + b), channel f
+        return tf.nn.depth_to_space(y, 2)
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, _ = input_shape
+        return b, None if h is None else 2 * h, None if w is None else 2 * w, self.filters
+
+
+def _phase_kernels(kernel: tf.Tensor, axis: int) -> list[tf.Tensor]:
+    """3x3 kernel taps (w0, w1, w2) along `axis` (0 rows, 1 columns) as seen from the
+    low-resolution grid after nearest x2 upsampling: phase 0 takes (w0, w1 + w2, 0)
+    at offsets (-1, 0, +1), phase 1 takes (0, w0 + w1, w2)."""
+    w0, w1, w2 = tf.unstack(kernel, axis=axis)
+    zero = tf.zeros_like(w0)
+    return [tf.stack([w0, w1 + w2, zero], axis), tf.stack([zero, w0 + w1, w2], axis)]
+
+
+def _check_plain_3x3(layer: layers.Conv2D) -> None:
+    """The custom convolution layers here compute plain 3x3 'same' NHWC convolutions only."""
+    if layer.kernel_size != (3, 3) or layer.padding != "same" or layer.strides != (1, 1) \
+            or layer.dilation_rate != (1, 1) or layer.groups != 1 or layer.data_format != "channels_last":
+        raise ValueError(f"{type(layer).__name__} is a plain 3x3 'same' NHWC convolution")
+
+
+@keras.saving.register_keras_serializable(package="tfgan_ct")
+class HighResConv2D(layers.Conv2D):
+    """3x3 'same' convolution for the full-resolution tail (hr_conv, conv_last), same
+    variables and forward pass as Conv2D, with its gradients computed as forward
+    convolutions (`_conv3x3_forward_gradients`).
+
+    Why: at 128x128 and 64 channels TensorFlow's CPU kernels for the input and
+    filter gradients run at about 50 % and 30 % of the forward kernel's speed,
+    and for conv_last (one output channel) at about 10 %; written as forward
+    convolutions they run at 1.5-10x their speed (tools/bench_train.py). The dense
+    blocks keep the stock gradients: at low resolution those are as fast.
+    """
+
+    def __init__(self, filters: int, **kwargs):
+        kwargs.setdefault("kernel_size", 3)
+        kwargs.setdefault("padding", "same")
+        super().__init__(filters, **kwargs)
+        _check_plain_3x3(self)
+
+    def call(self, x):
+        y = _conv3x3_forward_gradients(x, tf.cast(self.kernel, x.dtype))
+        return tf.nn.bias_add(y, tf.cast(self.bias, x.dtype))
+
+
+@tf.custom_gradient
+def _conv3x3_forward_gradients(x, kernel):
+    """tf.nn.conv2d(x, kernel, 1, 'SAME') (x [b, h, w, c], kernel [3, 3, c, n]) whose
+    gradients are forward convolutions (or, for n = 1, nine matrix-vector products)."""
+    y = tf.nn.conv2d(x, kernel, 1, "SAME")
+
+    def grad(dy):
+        # d/dx: dy correlated with the kernel turned by 180 degrees, in/out channels swapped.
+        dx = tf.nn.conv2d(dy, tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2]), 1, "SAME")
+        padded = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+        channels, outputs = kernel.shape[2], kernel.shape[3]
+        if outputs == 1:  # d/dw[i, j] = shifted x (as [pixels, c])^T . dy (as [pixels, 1])
+            h, w = tf.shape(x)[1], tf.shape(x)[2]
+            flat_dy = tf.reshape(dy, [-1, 1])
+            dw = tf.reshape(tf.stack([tf.matmul(tf.reshape(padded[:, i:i + h, j:j + w, :], [-1, channels]),
+                                                flat_dy, transpose_a=True)
+                                      for i in range(3) for j in range(3)]), [3, 3, channels, 1])
+        else:  # d/dw: a VALID convolution with batch and channels swapped: x's channels
+            # become the batch, dy ([h, w, b, n]) the filter; out [c, 3, 3, n]
+            dw = tf.nn.conv2d(tf.transpose(padded, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), 1, "VALID")
+            dw = tf.transpose(dw, [1, 2, 0, 3])
+        return dx, dw
+
+    return y, grad
 
 
 @keras.saving.register_keras_serializable(package="tfgan_ct")
@@ -147,11 +251,13 @@ def build_generator(num_blocks: int = 23, features: int = 64, growth: int = 32, 
     for i in range(num_blocks):
         trunk = RRDB(features, growth, name=f"rrdb{i:02d}")(trunk)
     x = layers.Add(name="long_skip")([x, conv(features, "trunk_conv")(trunk)])
-    for i in range(1, scale // 2 + 1):
-        x = layers.UpSampling2D(2, interpolation="nearest", name=f"upsample{i}")(x)
-        x = layers.LeakyReLU(0.2, name=f"up_act{i}")(conv(features, f"up_conv{i}")(x))
-    x = layers.LeakyReLU(0.2, name="hr_act")(conv(features, "hr_conv")(x))
-    sr = conv(channels, "conv_last")(x)
+    for i in range(1, scale // 2 + 1):  # nearest x2 + conv, in one layer (see UpsampleConv2D)
+        up_conv = UpsampleConv2D(features, name=f"up_conv{i}", kernel_initializer=_torch_default(),
+                                 bias_initializer="zeros")
+        x = layers.LeakyReLU(0.2, name=f"up_act{i}")(up_conv(x))
+    x = layers.LeakyReLU(0.2, name="hr_act")(HighResConv2D(features, name="hr_conv",
+                                                           kernel_initializer=_torch_default())(x))
+    sr = HighResConv2D(channels, name="conv_last", kernel_initializer=_torch_default())(x)
     return keras.Model(lr, sr, name=name)
 
 

@@ -181,8 +181,9 @@ def main(argv=None) -> None:
     print(f"dense-block convolutions alone (ceiling) : {best['conv']:7.1f} GFLOP/s = {best['conv'] / peak:5.1%} "
           f"of peak")
     print(f"generator-only (L1) step               : {best['step']:6.2f} s/step, "
-          f"{args.batch / best['step']:6.2f} patches/s, {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of peak, "
-          f"{gflops / best['conv']:5.1%} of the convolution ceiling")
+          f"{args.batch / best['step']:6.2f} patches/s, {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of peak "
+          f"({gflops / best['tf']:5.1%} of TensorFlow's matmul), {gflops / best['conv']:5.1%} of the "
+          f"convolution ceiling")
     gan_step = step_function(model, batch, gan=True, jit=args.jit)
     seconds = time_steps(gan_step, batch, args.steps)
     gflops = train_flop / seconds / 1e9
