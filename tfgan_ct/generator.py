@@ -11,6 +11,10 @@ Layer by layer as ESRGAN's RRDBNet (Wang et al. 2018; BasicSR `rrdbnet_arch.py`)
     2 x [nearest-neighbour x2 upsampling, 3x3 conv, LeakyReLU(0.2)]
     hr_conv 3x3 + LeakyReLU(0.2), conv_last 3x3 (nf -> 1)
 
+The dense blocks and the tail are computed in equivalent, faster forms with the
+same variables and results (`ResidualDenseBlock.call`, `UpsampleConv2D`,
+`HighResConv2D`; each tested against the straightforward form).
+
 Paper configuration: 23 blocks, nf 64, gc 32: 16,695,681 parameters.
 Tensors are NHWC; input [b, h, w, 1] in [0, 1], output [b, 4h, 4w, 1] (not clipped).
 
@@ -114,8 +118,21 @@ class ResidualDenseBlock(layers.Layer):
         return {**super().get_config(), "features": self.features, "growth": self.growth}
 
 
+class _Plain3x3Conv2D(layers.Conv2D):
+    """A 3x3 'same' NHWC Conv2D (same variables, same config) whose `call` a subclass
+    computes in another form; refuses any other convolution."""
+
+    def __init__(self, filters: int, **kwargs):
+        kwargs.setdefault("kernel_size", 3)
+        kwargs.setdefault("padding", "same")
+        super().__init__(filters, **kwargs)
+        if self.kernel_size != (3, 3) or self.padding != "same" or self.strides != (1, 1) \
+                or self.dilation_rate != (1, 1) or self.groups != 1 or self.data_format != "channels_last":
+            raise ValueError(f"{type(self).__name__} is a plain 3x3 'same' NHWC convolution")
+
+
 @keras.saving.register_keras_serializable(package="tfgan_ct")
-class UpsampleConv2D(layers.Conv2D):
+class UpsampleConv2D(_Plain3x3Conv2D):
     """Nearest-neighbour x2 upsampling, then this 3x3 'same' convolution: [b, h, w, c] -> [b, 2h, 2w, filters].
 
     Same variables (a 3x3 kernel and a bias), same result as ESRGAN's
@@ -130,12 +147,6 @@ class UpsampleConv2D(layers.Conv2D):
     resolution, most of all in the backward pass (tools/bench_train.py), and the
     upsampled copy of x is never made.
     """
-
-    def __init__(self, filters: int, **kwargs):
-        kwargs.setdefault("kernel_size", 3)
-        kwargs.setdefault("padding", "same")
-        super().__init__(filters, **kwargs)
-        _check_plain_3x3(self)
 
     def call(self, x):
         kernel = tf.cast(self.kernel, x.dtype)                       # [3, 3, c, filters]
@@ -159,15 +170,8 @@ def _phase_kernels(kernel: tf.Tensor, axis: int) -> list[tf.Tensor]:
     return [tf.stack([w0, w1 + w2, zero], axis), tf.stack([zero, w0 + w1, w2], axis)]
 
 
-def _check_plain_3x3(layer: layers.Conv2D) -> None:
-    """The custom convolution layers here compute plain 3x3 'same' NHWC convolutions only."""
-    if layer.kernel_size != (3, 3) or layer.padding != "same" or layer.strides != (1, 1) \
-            or layer.dilation_rate != (1, 1) or layer.groups != 1 or layer.data_format != "channels_last":
-        raise ValueError(f"{type(layer).__name__} is a plain 3x3 'same' NHWC convolution")
-
-
 @keras.saving.register_keras_serializable(package="tfgan_ct")
-class HighResConv2D(layers.Conv2D):
+class HighResConv2D(_Plain3x3Conv2D):
     """3x3 'same' convolution for the full-resolution tail (hr_conv, conv_last), same
     variables and forward pass as Conv2D, with its gradients computed as forward
     convolutions (`_conv3x3_forward_gradients`).
@@ -178,12 +182,6 @@ class HighResConv2D(layers.Conv2D):
     convolutions they run at 1.5-10x their speed (tools/bench_train.py). The dense
     blocks keep the stock gradients: at low resolution those are as fast.
     """
-
-    def __init__(self, filters: int, **kwargs):
-        kwargs.setdefault("kernel_size", 3)
-        kwargs.setdefault("padding", "same")
-        super().__init__(filters, **kwargs)
-        _check_plain_3x3(self)
 
     def call(self, x):
         y = _conv3x3_forward_gradients(x, tf.cast(self.kernel, x.dtype))
@@ -252,8 +250,7 @@ def build_generator(num_blocks: int = 23, features: int = 64, growth: int = 32, 
         trunk = RRDB(features, growth, name=f"rrdb{i:02d}")(trunk)
     x = layers.Add(name="long_skip")([x, conv(features, "trunk_conv")(trunk)])
     for i in range(1, scale // 2 + 1):  # nearest x2 + conv, in one layer (see UpsampleConv2D)
-        up_conv = UpsampleConv2D(features, name=f"up_conv{i}", kernel_initializer=_torch_default(),
-                                 bias_initializer="zeros")
+        up_conv = UpsampleConv2D(features, name=f"up_conv{i}", kernel_initializer=_torch_default())
         x = layers.LeakyReLU(0.2, name=f"up_act{i}")(up_conv(x))
     x = layers.LeakyReLU(0.2, name="hr_act")(HighResConv2D(features, name="hr_conv",
                                                            kernel_initializer=_torch_default())(x))
