@@ -191,22 +191,27 @@ class HighResConv2D(_Plain3x3Conv2D):
 @tf.custom_gradient
 def _conv3x3_forward_gradients(x, kernel):
     """tf.nn.conv2d(x, kernel, 1, 'SAME') (x [b, h, w, c], kernel [3, 3, c, n]) whose
-    gradients are forward convolutions (or, for n = 1, nine matrix-vector products)."""
+    gradients are forward convolutions (for n = 1, the filter gradient is one product with
+    nine shifts of dy)."""
     y = tf.nn.conv2d(x, kernel, 1, "SAME")
 
     def grad(dy):
         # d/dx: dy correlated with the kernel turned by 180 degrees, in/out channels swapped.
         dx = tf.nn.conv2d(dy, tf.transpose(tf.reverse(kernel, [0, 1]), [0, 1, 3, 2]), 1, "SAME")
-        padded = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
         channels, outputs = kernel.shape[2], kernel.shape[3]
-        if outputs == 1:  # d/dw[i, j] = shifted x (as [pixels, c])^T . dy (as [pixels, 1])
+        if outputs == 1:
+            # d/dw[i, j, c] = sum over pixels of x[., c] times dy shifted by (1 - i, 1 - j) with
+            # zero fill: nine shifts of the one-channel dy, then one product with x as
+            # [b, pixels, c]; x itself is not copied.
             h, w = tf.shape(x)[1], tf.shape(x)[2]
-            flat_dy = tf.reshape(dy, [-1, 1])
-            dw = tf.reshape(tf.stack([tf.matmul(tf.reshape(padded[:, i:i + h, j:j + w, :], [-1, channels]),
-                                                flat_dy, transpose_a=True)
-                                      for i in range(3) for j in range(3)]), [3, 3, channels, 1])
+            dy_padded = tf.pad(dy[..., 0], [[0, 0], [1, 1], [1, 1]])
+            shifted = tf.stack([tf.reshape(dy_padded[:, 2 - i:2 - i + h, 2 - j:2 - j + w], [-1, h * w])
+                                for i in range(3) for j in range(3)], axis=1)          # [b, 9, pixels]
+            dw = tf.einsum("bkp,bpc->kc", shifted, tf.reshape(x, [-1, h * w, channels]))
+            dw = tf.reshape(dw, [3, 3, channels, 1])
         else:  # d/dw: a VALID convolution with batch and channels swapped: x's channels
             # become the batch, dy ([h, w, b, n]) the filter; out [c, 3, 3, n]
+            padded = tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
             dw = tf.nn.conv2d(tf.transpose(padded, [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]), 1, "VALID")
             dw = tf.transpose(dw, [1, 2, 0, 3])
         return dx, dw
