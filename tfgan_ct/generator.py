@@ -180,11 +180,17 @@ class HighResConv2D(_Plain3x3Conv2D):
     filter gradients run at about 50 % and 30 % of the forward kernel's speed,
     and for conv_last (one output channel) at about 10 %; written as forward
     convolutions they run at 1.5-10x their speed (tools/bench_train.py). The dense
-    blocks keep the stock gradients: at low resolution those are as fast.
+    blocks keep the stock gradients: at low resolution those are as fast. With a
+    GPU visible the stock gradients are used (cuDNN's backward kernels need no
+    such help, and the transposes here would only cost time).
     """
 
     def call(self, x):
-        y = _conv3x3_forward_gradients(x, tf.cast(self.kernel, x.dtype))
+        kernel = tf.cast(self.kernel, x.dtype)
+        if tf.config.list_logical_devices("GPU"):
+            y = tf.nn.conv2d(x, kernel, 1, "SAME")
+        else:
+            y = _conv3x3_forward_gradients(x, kernel)
         return tf.nn.bias_add(y, tf.cast(self.bias, x.dtype))
 
 
