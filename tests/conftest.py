@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Outputs get the permissions open()/mkdir() would give (umask applied); the tests
+# that check them expect the common umask 022, whatever the machine's is.
+os.umask(0o022)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
