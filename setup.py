@@ -24,7 +24,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10,<3.14",
-    packages=find_packages(include=["tfgan_ct", "tfgan_ct.*"]),
+    # configs/*.yaml also install as package data (tfgan_ct.configs), so that
+    # `tfgan-ct quickstart` finds its configuration outside a checkout too.
+    packages=find_packages(include=["tfgan_ct", "tfgan_ct.*"]) + ["tfgan_ct.configs"],
+    package_dir={"tfgan_ct.configs": "configs"},
+    package_data={"tfgan_ct.configs": ["*.yaml"]},
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "keras>=3.10,<4",

@@ -351,7 +351,16 @@ def upscale(inputs, out, spec, server, fmt, window, outside_window, models_dir, 
                f"({len(summary.skipped)} file(s) skipped)")
 
 
-QUICKSTART_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+def bundled_config(name: str) -> Path:
+    """`configs/<name>` of this checkout, else the copy installed with the package."""
+    checkout = Path(__file__).resolve().parents[1] / "configs" / name
+    if checkout.is_file():
+        return checkout
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("tfgan_ct.configs") / name))
+
+
 
 
 @main.command()
@@ -374,10 +383,10 @@ def quickstart(out, patients, overwrite, no_progress, config_file, overrides):
     from tfgan_ct.quickstart import QuickstartError, run, summary_lines
 
     if config_file is None:
-        if not QUICKSTART_CONFIG.is_file():
-            raise click.ClickException(f"{QUICKSTART_CONFIG} not found; pass --config (install the "
-                                       f"package from its source folder with `pip install -e .`)")
-        config_file = QUICKSTART_CONFIG
+        config_file = bundled_config("quickstart.yaml")
+        if not config_file.is_file():
+            raise click.ClickException(f"{config_file} not found (an incomplete installation?); "
+                                       f"pass --config FILE")
     try:
         cfg = load_config(config_file, overrides)
         result = run(out, cfg, patients=patients, overwrite=overwrite, progress=not no_progress)
