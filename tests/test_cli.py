@@ -22,13 +22,31 @@ def test_bad_patch_settings(tmp_path):
     assert result.exit_code == 1 and "must be a positive multiple of scale 4" in result.output
 
 
-def test_quickstart_config_is_found_and_installed_with_the_package():
+def test_quickstart_config_is_found_and_installed_with_the_package(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
     from pathlib import Path
+
+    import pytest
 
     from tfgan_ct.cli import bundled_config
 
     assert bundled_config("quickstart.yaml").is_file()
-    # A wheel (non-editable install) carries configs/*.yaml as tfgan_ct/configs/ data.
-    setup_py = (Path(__file__).resolve().parents[1] / "setup.py").read_text()
-    assert 'package_dir={"tfgan_ct.configs": "configs"}' in setup_py
-    assert 'package_data={"tfgan_ct.configs": ["*.yaml"]}' in setup_py
+    # A wheel (non-editable install) must carry configs/*.yaml as tfgan_ct/configs/.
+    pytest.importorskip("setuptools")
+    pytest.importorskip("wheel")
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(repo / name, source)
+    for name in ("tfgan_ct", "configs"):
+        shutil.copytree(repo / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("tfgan_ct-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {f"tfgan_ct/configs/{p.name}" for p in (repo / "configs").glob("*.yaml")} <= names
