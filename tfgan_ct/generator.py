@@ -142,10 +142,10 @@ class UpsampleConv2D(_Plain3x3Conv2D):
     pixels at offsets -1/0 (phase 0) or 0/+1 (phase 1), with two of the three
     kernel taps summed. So one 3x3 convolution of x with the four phase kernels
     side by side (4 x filters outputs), then depth_to_space, gives the same
-    output with the same multiply count. TensorFlow's CPU convolutions run this
-    wide, low-resolution shape about twice as fast as the narrow one at 2x
-    resolution, most of all in the backward pass (tools/bench_train.py), and the
-    upsampled copy of x is never made.
+    output with the same multiply count. TensorFlow's CPU kernels run this wide,
+    low-resolution shape about as fast forward and 1.1-2.8x as fast in the
+    gradients as the narrow one at 2x resolution (figures in docs/benchmarks.md),
+    and the upsampled copy of x is never made.
     """
 
     def call(self, x):
@@ -179,7 +179,7 @@ class HighResConv2D(_Plain3x3Conv2D):
     Why: at 128x128 and 64 channels TensorFlow's CPU kernels for the input and
     filter gradients run at about 50 % and 30 % of the forward kernel's speed,
     and for conv_last (one output channel) at about 10 %; written as forward
-    convolutions they run at 1.5-10x their speed (tools/bench_train.py). The dense
+    convolutions they run at 1.5-10x their speed (docs/benchmarks.md). The dense
     blocks keep the stock gradients: at low resolution those are as fast. With a
     GPU visible the stock gradients are used (cuDNN's backward kernels need no
     such help, and the transposes here would only cost time).
