@@ -20,6 +20,46 @@ def test_train_batches(converted, small_cfg):
         assert x.dtype == tf.float32 and 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1.0
 
 
+def _take(ds, n):
+    return [{k: v.numpy() for k, v in b.items()} for b in ds.take(n)]
+
+
+def test_seeded_stream_repeats_and_continues_from_start(converted, small_cfg):
+    """The same seed gives the same batches; `start=n` continues the stream after n patches."""
+    out, _ = converted
+    batch = small_cfg.data.batch_size
+    whole = _take(data.train_dataset(out, "ncct", small_cfg, seed=7), 6)
+    again = _take(data.train_dataset(out, "ncct", small_cfg, seed=7), 6)
+    for a, b in zip(whole, again):
+        np.testing.assert_array_equal(a["hr"], b["hr"])
+    # Start mid-batch: the continued stream's batches straddle the first one's.
+    later = _take(data.train_dataset(out, "ncct", small_cfg, seed=7, start=2 * batch + 1), 3)
+    flat = {k: np.concatenate([b[k] for b in whole]) for k in ("lr", "hr")}
+    for i, b in enumerate(later):
+        lo = 2 * batch + 1 + i * batch
+        np.testing.assert_array_equal(b["hr"], flat["hr"][lo:lo + batch])
+        np.testing.assert_array_equal(b["lr"], flat["lr"][lo:lo + batch])
+    other = _take(data.train_dataset(out, "ncct", small_cfg, seed=8), 6)
+    assert not all(np.array_equal(a["hr"], b["hr"]) for a, b in zip(whole, other))
+
+
+def test_start_needs_a_seed(converted, small_cfg):
+    out, _ = converted
+    with pytest.raises(ValueError, match="needs a seed"):
+        data.train_dataset(out, "ncct", small_cfg, start=4)
+
+
+def test_keyed_transforms_are_uniform_and_depend_on_seed():
+    """All 8 transforms, in about equal shares, independently of neighbouring positions."""
+    positions = tf.range(80_000, dtype=tf.int64)
+    a = data._keyed_choice(positions, 0).numpy()
+    counts = np.bincount(a, minlength=8)
+    assert counts.min() > 9_500 and counts.max() < 10_500, counts
+    pairs = np.bincount(a[:-1] * 8 + a[1:], minlength=64)  # neighbours are not correlated
+    assert pairs.min() > 1_000, pairs
+    assert np.mean(a == data._keyed_choice(positions, 1).numpy()) < 0.2
+
+
 def test_augmentation_keeps_lr_hr_aligned():
     """LR and HR get the same flip/rotation: the LR stays the resize of the HR."""
     hr = np.random.default_rng(0).random((64, 32, 32, 1)).astype(np.float32)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -201,6 +202,56 @@ def test_multi_worker_training_on_loopback(converted, tiny_config, tmp_path):
     assert (tmp_path / "models0/ncct/1/saved_model.pb").is_file()
 
 
+STREAM_CHECK = """
+import sys
+import numpy as np
+import tensorflow as tf
+strategy = tf.distribute.MultiWorkerMirroredStrategy()  # first: before any other TensorFlow op
+from tfgan_ct import data
+from tfgan_ct.config import load_config
+from tfgan_ct.train import worker_position
+
+cfg = load_config(sys.argv[2])
+workers, worker = worker_position(strategy)
+assert (workers, worker) == (2, int(sys.argv[3])), (workers, worker)
+for modality in ("ncct", "cta"):  # 2 shard files (split by file), 1 file (split by record)
+    n_files = len(data.shard_files(sys.argv[1], "train", modality))
+    per_step = data.patches_per_step(2, cfg.data.batch_size)
+
+    def steps(start, n):
+        ds = data.train_dataset(sys.argv[1], modality, cfg, seed=5, start=start, workers=2, worker=worker)
+        it = iter(strategy.experimental_distribute_dataset(ds))
+        return [strategy.experimental_local_results(next(it))[0]["hr"].numpy() for _ in range(n)]
+
+    whole, resumed = steps(0, 4), steps(2 * per_step, 2)
+    assert whole[0].shape[0] == cfg.data.batch_size // 2
+    for a, b in zip(whole[2:], resumed):
+        np.testing.assert_array_equal(a, b)
+    print(modality, n_files, "file(s): continued exactly", flush=True)
+    print(modality, "first batch sum", float(whole[0].sum()), flush=True)
+"""
+
+
+def test_multi_worker_input_streams_continue_where_they_stopped(converted, tmp_path):
+    """Under MultiWorkerMirroredStrategy, skipping `patches_per_step` per step continues each worker's stream."""
+    out, _ = converted
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", STREAM_CHECK, str(out), str(SMALL_CONFIG), str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+             "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})})
+        for i in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+        assert "ncct 2 file(s): continued exactly" in text and "cta 1 file(s): continued exactly" in text
+    for modality in ("ncct", "cta"):  # the two workers read different patches
+        sums = [next(line for line in text.splitlines() if line.startswith(f"{modality} first batch sum"))
+                for text in outputs]
+        assert sums[0] != sums[1], sums
+
+
 def test_killed_run_resumes_from_checkpoint(converted, tiny_config, tmp_path):
     out, _ = converted
     args = ["train", "--stage", "ncct", "--data", str(out), "--warm-start", "none", "--config", str(tiny_config),
@@ -220,6 +271,39 @@ def test_killed_run_resumes_from_checkpoint(converted, tiny_config, tmp_path):
     assert "resuming" in result.stderr and "from its checkpoint at step" in result.stderr
     assert "ncct: 404 steps" in result.stdout
     assert export.versions(tmp_path / "models/ncct") == [1]
+
+
+def _rewind(run: Path, step: int) -> None:
+    """Make a finished run's folder look like a run killed just after checkpoint `step`."""
+    (run / "exported.json").unlink()
+    ckpt = run / "checkpoints"
+    for f in ckpt.glob("ckpt-*"):
+        if int(f.name.split(".")[0].split("-")[1]) > step:
+            f.unlink()
+    (ckpt / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-{step}"\n'
+                                     f'all_model_checkpoint_paths: "ckpt-{step}"\n')
+
+
+def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(converted, tiny_config, tmp_path):
+    """Resumed inside the L1 and inside the GAN phase, a run ends with the uninterrupted run's weights."""
+    out, _ = converted
+    cfg = load_config(tiny_config, ["train.checkpoint_every=1", "train.keep_checkpoints=20"])
+    whole = train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "models",
+                        runs_dir=tmp_path / "runs")
+    final = tf.train.load_checkpoint(str(whole.run_dir / "checkpoints/ckpt-8"))
+    names = [n for n in final.get_variable_to_shape_map() if "OBJECT_GRAPH" not in n]
+    assert len([n for n in names if n.startswith("g_optimizer/_trainable_variables/")]) > 20  # G's weights
+    for step in (3, 6):  # L1 phase: steps 1-4; GAN phase: 5-8
+        runs = tmp_path / f"runs-from-{step}"
+        shutil.copytree(tmp_path / "runs", runs)
+        _rewind(runs / whole.run_dir.name, step)
+        resumed = train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / f"models-{step}",
+                              runs_dir=runs)
+        assert resumed.resumed_from == step and resumed.steps == 8
+        again = tf.train.load_checkpoint(str(resumed.run_dir / "checkpoints/ckpt-8"))
+        for name in names:
+            np.testing.assert_allclose(again.get_tensor(name), final.get_tensor(name), rtol=1e-6, atol=1e-7,
+                                       err_msg=f"{name} after resuming at step {step}")
 
 
 def test_non_finite_loss_stops_with_a_clear_message(converted, tiny_config, tmp_path, monkeypatch):

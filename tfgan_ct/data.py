@@ -4,7 +4,12 @@ Training batches (`train_dataset`): dict with
     lr: float32 [batch, p/4, p/4, 1] in [0, 1]
     hr: float32 [batch, p, p, 1] in [0, 1]
 randomly flipped / rotated by 90 degrees (the same transform for LR and HR),
-shuffled, repeated forever. Records are parsed a whole batch at a time, which
+shuffled, repeated forever. With a seed the stream is one fixed sequence:
+the order comes from seeded shuffles and a deterministic interleave, and each
+patch's transform is a keyed hash of its position in the stream, so
+`train_dataset(..., seed=s, start=n)` yields exactly what the stream with seed
+`s` yields after its first `n` patches (how a resumed run continues its input
+where the checkpoint left it). Records are parsed a whole batch at a time, which
 is several times faster than parsing them one by one, and the flips and the
 windowing of a batch run as one XLA-compiled function: fused into a single
 pass over the pixels they cost a fifth of what the separate TensorFlow ops did,
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 
 import tensorflow as tf
@@ -83,19 +89,27 @@ def to_hu(unit: tf.Tensor, window: Window) -> tf.Tensor:
     return tf.cast(unit, tf.float32) * window.width + window.floor
 
 
-def augment(lr: tf.Tensor, hr: tf.Tensor, seed: int | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-    """Random flip/rotation by 90 degrees per example (one of the 8 dihedral transforms).
+def augment(lr: tf.Tensor, hr: tf.Tensor, seed: int = 0, first: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
+    """Pseudo-random flip/rotation by 90 degrees per example (one of the 8 dihedral transforms).
 
     lr: [b, h, h, 1], hr: [b, 4h, 4h, 1] (square patches). The same transform is
-    applied to the LR and HR of an example (see `_dihedral`).
+    applied to the LR and HR of an example (see `_dihedral`); example i gets
+    the transform of stream position `first + i` under `seed` (`_keyed_choice`).
     """
-    choice = _random_choice(tf.shape(hr)[0], seed)
+    choice = _keyed_choice(first + tf.range(tf.shape(hr)[0], dtype=tf.int64), seed)
     return _dihedral(lr[..., 0], choice)[..., None], _dihedral(hr[..., 0], choice)[..., None]
 
 
-def _random_choice(batch, seed: int | None) -> tf.Tensor:
-    """One of the 8 dihedral transforms per example (int32 [batch] in 0..7)."""
-    return tf.random.uniform([batch], 0, 8, dtype=tf.int32, seed=seed)
+def _keyed_choice(positions: tf.Tensor, seed: int) -> tf.Tensor:
+    """One of the 8 dihedral transforms for each stream position (int64 [b] -> int32 [b] in 0..7).
+
+    A keyed hash (SipHash, keyed by the seed) of the position rather than a
+    random op: the transform of a patch depends only on where it sits in the
+    stream, not on how many batches a parallel `map` has drawn before it, so
+    a stream started part-way (`train_dataset(start=n)`) continues exactly.
+    """
+    key = [seed % 2**64, 0x7466_6761_6E2D_6374]  # second half of the key: a fixed salt
+    return tf.cast(tf.strings.to_hash_bucket_strong(tf.strings.as_string(positions), 8, key), tf.int32)
 
 
 def _dihedral(x: tf.Tensor, choice: tf.Tensor) -> tf.Tensor:
@@ -132,47 +146,79 @@ def _augment_and_window(lr, hr, choice, floor, inverse_width, augment: bool):
 
 def train_dataset(data_dir: str | Path, modality: str, cfg: Config,
                   input_context: tf.distribute.InputContext | None = None,
-                  seed: int | None = None) -> tf.data.Dataset:
-    """Endless shuffled, augmented training batches of `modality` (see the module docstring)."""
+                  seed: int | None = None, start: int = 0,
+                  workers: int = 1, worker: int = 0) -> tf.data.Dataset:
+    """Endless shuffled, augmented training batches of `modality` (see the module docstring).
+
+    Distribution: pass either the `input_context` (per-replica batches) or,
+    for a dataset of global batches that Keras hands to `tf.distribute`, the
+    number of training processes `workers` and this one's index `worker`.
+    Each worker reads its own shard files, or, with fewer files than workers,
+    every `workers`-th record of all of them; TensorFlow's own auto-sharding is
+    off (it refuses this pipeline by file, and fails outright with too few
+    files). Either way one step takes `patches_per_step` patches of the stream.
+
+    seed: fixes the stream (None: a different, faster non-deterministic order
+    on every call). start: patches of this worker's stream to skip first; they
+    are read and shuffled, not decoded, so skipping runs at about the raw read
+    speed (see docs/benchmarks.md). Needs a seed.
+    """
+    if start and seed is None:
+        raise ValueError("train_dataset: start needs a seed (an unseeded stream cannot be continued)")
+    if start < 0:
+        raise ValueError(f"train_dataset: start must be >= 0, got {start}")
+    hash_seed = seed if seed is not None else random.SystemRandom().getrandbits(63)
     manifest = load_manifest(data_dir)
     files = shard_files(data_dir, "train", modality, manifest)
     patch, scale = manifest["patch_size"], manifest["scale"]
     window = cfg.modalities.get(modality).window
     batch = cfg.data.batch_size
-    ds = tf.data.Dataset.from_tensor_slices(files)
     if input_context is not None:
         batch = input_context.get_per_replica_batch_size(batch)
-        if len(files) >= input_context.num_input_pipelines:
-            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        else:
-            log.warning("%d shard file(s) for %d input pipelines: sharding by record instead",
-                        len(files), input_context.num_input_pipelines)
+        workers, worker = input_context.num_input_pipelines, input_context.input_pipeline_id
+    by_file = len(files) >= workers
+    if workers > 1 and not by_file:
+        log.warning("%d shard file(s) for %d workers: each worker reads all of them and keeps "
+                    "every %d-th record", len(files), workers, workers)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if workers > 1 and by_file:
+        ds = ds.shard(workers, worker)
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cfg.data.cycle_length, len(files)),
                        num_parallel_calls=AUTOTUNE, deterministic=seed is not None)
-    if input_context is not None and len(files) < input_context.num_input_pipelines:
-        ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    if workers > 1 and not by_file:
+        ds = ds.shard(workers, worker)
     ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed)
-    ds = ds.batch(batch, drop_remainder=True)
+    if start:
+        ds = ds.skip(start)
+    ds = ds.batch(batch, drop_remainder=True).enumerate()
 
-    def parse(records):
+    def parse(index, records):
         # Only what training needs: the images are already masked, so no `mask`.
         parsed = tf.io.parse_example(records, {"hr": tf.io.FixedLenFeature([], tf.string),
                                                "lr": tf.io.FixedLenFeature([], tf.string)})
         # -1, not `batch`: tf.distribute may rebatch the dataset per replica.
         hr = tf.reshape(tf.io.decode_raw(parsed["hr"], tf.int16), [-1, patch, patch])
         lr = tf.reshape(tf.io.decode_raw(parsed["lr"], tf.float32), [-1, patch // scale, patch // scale])
-        lr, hr = _augment_and_window(lr, hr, _random_choice(tf.shape(hr)[0], seed), window.floor,
+        positions = start + index * batch + tf.range(tf.shape(hr)[0], dtype=tf.int64)
+        lr, hr = _augment_and_window(lr, hr, _keyed_choice(positions, hash_seed), window.floor,
                                      1.0 / window.width, augment=cfg.data.augment)
         return {"lr": lr, "hr": hr}
 
     ds = ds.map(parse, num_parallel_calls=AUTOTUNE, deterministic=seed is not None)
     options = tf.data.Options()
-    if input_context is not None:
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    else:  # by file when there are at least as many files as workers, else by record
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.AUTO
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def patches_per_step(workers: int, global_batch: int) -> int:
+    """Patches of one worker's `train_dataset` stream that one training step consumes.
+
+    Each worker's share of a global batch: `tf.distribute` spreads every global
+    batch a worker's dataset yields over `workers` steps (or, with an input
+    context, each step takes that worker's replicas' per-replica batches).
+    """
+    return global_batch // workers
 
 
 EVAL_FEATURES = {

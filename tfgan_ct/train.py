@@ -165,12 +165,11 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
         log.info("no warm start: training %s from scratch", stage)
 
     total = tc.l1_phase.steps + tc.gan_phase.steps
-    seed = tc.seed + resumed  # a resumed run continues with a fresh, reproducible data order
-    # Keras distributes the global batch over the replicas (and the shard files
-    # over the workers: auto-shard policy AUTO, by file when there are enough).
-    dataset = data.train_dataset(data_dir, modality, cfg, seed=seed)
+    workers, worker = worker_position(strategy)
+    per_step = data.patches_per_step(workers, cfg.data.batch_size)
     watcher = StepWatcher(model, manager, run_dir, cfg, data_dir, modality, total, strategy)
-    for gan_phase, end in ((False, tc.l1_phase.steps), (True, total)):
+    for phase, (gan_phase, begin, end) in enumerate(((False, 0, tc.l1_phase.steps),
+                                                     (True, tc.l1_phase.steps, total))):
         start = int(model.step.numpy())
         if start >= end:
             continue
@@ -178,6 +177,16 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
         model.train_function = None  # rebuild the step function for this phase
         watcher.phase_end = end
         log.info("%s phase: steps %d-%d", "GAN" if gan_phase else "L1", start + 1, end)
+        # Each phase reads its own seeded stream from its first step on; a run
+        # resumed inside a phase skips what the steps before the checkpoint read,
+        # so it sees exactly the batches an uninterrupted run would have seen.
+        skip = (start - begin) * per_step
+        if skip:
+            log.info("input: skipping the %d patches that steps %d-%d read, to continue the stream "
+                     "where the checkpoint left it", skip, begin + 1, start)
+        # Global batches; Keras has tf.distribute split them over the replicas.
+        dataset = data.train_dataset(data_dir, modality, cfg, seed=stream_seed(tc.seed, phase),
+                                     start=skip, workers=workers, worker=worker)
         chunk = max(1, min(tc.log_every, end - start))
         model.fit(dataset, steps_per_epoch=chunk, epochs=math.ceil((end - start) / chunk),
                   verbose=0, shuffle=False, callbacks=[watcher])
@@ -200,6 +209,25 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
     log.info("exported %s", out)
     atomic_write_text(run_dir / "exported.json", json.dumps({"export_dir": str(out), "steps": steps}) + "\n")
     return TrainResult(run_dir, out, steps, resumed)
+
+
+def stream_seed(seed: int, phase: int) -> int:
+    """Seed of the input stream of phase 0 (L1) or 1 (GAN) for `train.seed`: distinct per phase."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{phase}".encode()).digest()[:4], "little") >> 1
+
+
+def worker_position(strategy) -> tuple[int, int]:
+    """(training processes in the cluster, this one's index); (1, 0) without a cluster.
+
+    Numbered as tf.distribute numbers input pipelines: the chief (if any) first, then the workers.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    chiefs, workers = len(spec.get("chief", [])), len(spec.get("worker", []))
+    if chiefs + workers <= 1:
+        return 1, 0
+    index = 0 if resolver.task_type == "chief" else chiefs + resolver.task_id
+    return chiefs + workers, index
 
 
 def is_chief(strategy) -> bool:
