@@ -140,3 +140,67 @@ def test_truncated_file_with_layout_still_reports_truncation(shared_data):
     frames = dicom_io.frames_of(path)
     with pytest.raises(ValueError, match="pixel data truncated"):
         dicom_io.read_hu(str(path), [0], -1500, layout=frames[0].layout)
+
+
+LEGACY = "dicom/legacy/DICOMSamples_CT_Implicit_Little_Headless_Retired.dcm"
+UNCR = "dicom/head-ncct/pydicom-data_693_UNCR.dcm"
+
+
+def test_retired_image_position_is_used(tmp_path, shared_data):
+    """Only the retired ImagePosition (0020,0030): its z is the slice position."""
+    legacy = dicom_io.frames_of(shared_data / LEGACY)[0]
+    assert legacy.position == pytest.approx(52.0)
+    ds = pydicom.dcmread(shared_data / UNCR)
+    del ds.ImagePositionPatient, ds.SliceLocation
+    ds.add_new(0x00200030, "DS", [-122.5, -112.4, 33.5])
+    ds.save_as(tmp_path / "retired.dcm")
+    assert dicom_io.frames_of(tmp_path / "retired.dcm")[0].position == pytest.approx(33.5)
+
+
+def test_no_position_is_unknown_not_zero(tmp_path, shared_data):
+    ds = pydicom.dcmread(shared_data / LEGACY, force=True)
+    del ds[0x00200030]
+    ds.save_as(tmp_path / "nopos.dcm")
+    frames = dicom_io.frames_of(tmp_path / "nopos.dcm")
+    assert isinstance(frames, list) and frames[0].position is None
+
+
+def test_position_key_orders_unknown_positions_last(shared_data):
+    frames = [dicom_io.frames_of(shared_data / "dicom/chest-series" / f"dcmqi_ct-3slice_0{i}.dcm")[0]
+              for i in (1, 2, 3)]
+    frames[1].position = None
+    ordered = sorted(frames, key=lambda f: (dicom_io.position_key(f.position), f.instance, f.path))
+    assert ordered[-1] is frames[1]
+    assert ordered[0].position < ordered[1].position
+
+
+@pytest.mark.parametrize("keyword", ["SamplesPerPixel", "Rows", "Columns"])
+def test_empty_header_value_is_skipped_with_reason(tmp_path, shared_data, keyword):
+    ds = pydicom.dcmread(shared_data / UNCR)
+    ds[keyword].value = None
+    ds.save_as(tmp_path / "empty.dcm")
+    result = dicom_io.frames_of(tmp_path / "empty.dcm")
+    assert isinstance(result, dicom_io.Skipped), result
+    assert f"{keyword} is empty" in result.reason
+
+
+def test_empty_samples_per_pixel_in_legacy_file_is_skipped(tmp_path, shared_data):
+    ds = pydicom.dcmread(shared_data / LEGACY, force=True)
+    ds.add_new(0x00280002, "US", None)  # SamplesPerPixel, present but empty
+    ds.save_as(tmp_path / "legacy.dcm")  # no preamble, no meta: read with force again
+    result = dicom_io.frames_of(tmp_path / "legacy.dcm")
+    assert isinstance(result, dicom_io.Skipped) and "SamplesPerPixel is empty" in result.reason
+
+
+def test_bad_header_does_not_stop_the_header_pass(tmp_path, shared_data):
+    """The conversion's header pass (`pool.imap(frames_of)`) reports the file and goes on."""
+    from tfgan_ct import convert
+
+    ds = pydicom.dcmread(shared_data / UNCR)
+    ds.SamplesPerPixel = None
+    ds.save_as(tmp_path / "bad.dcm")
+    (tmp_path / "good.dcm").write_bytes((shared_data / UNCR).read_bytes())
+    frames, skipped = convert.scan([tmp_path], convert._pool(1), progress=False)
+    assert [f.path for f in frames] == [str(tmp_path / "good.dcm")]
+    assert [(s.path, s.reason) for s in skipped] == [(str(tmp_path / "bad.dcm"),
+                                                      "unusable header (SamplesPerPixel is empty)")]

@@ -95,6 +95,12 @@ def test_evaluate_cli_errors(converted, tiny_export, tmp_path):
                                    "--models-dir", str(tiny_export), "--out", str(tmp_path)])
     assert missing.exit_code != 0 and "tfgan-ct train --stage cta" in missing.output
     assert "Traceback" not in missing.output
+    # The tiny export was trained on the NCCT window 40/80: another window is refused.
+    for command in (["evaluate", "ncct", "--out", str(tmp_path)], ["compare", "ncct", "--out", str(tmp_path / "f.png")]):
+        other = runner.invoke(main, [*command, "--data", str(data), "--modality", "ncct", "--models-dir",
+                                     str(tiny_export), "--set", "modalities.ncct.window.width=100"])
+        assert other.exit_code != 0 and "trained on the HU window center 40 / width 80" in other.output, other.output
+        assert "modalities.ncct.window.width=80" in other.output and "Traceback" not in other.output
 
 
 def test_only_modality_asks_to_choose(tmp_path):

@@ -40,3 +40,16 @@ def test_vgg_features_are_pre_activation():
     assert not vgg.trainable_weights
     p = losses.perceptual_per_example(vgg, x, x).numpy()
     np.testing.assert_allclose(p, [0.0, 0.0])
+
+
+def test_bad_vgg_weights_setting_is_named(tmp_path):
+    import pytest
+
+    from tfgan_ct.vgg import FeatureExtractorError
+
+    broken = tmp_path / "vgg.weights.h5"
+    broken.write_bytes(b"not an HDF5 file")
+    for setting, message in (("imagnet", "use 'imagenet', 'none'"), (str(tmp_path / "absent.h5"), "no such file"),
+                             (str(broken), "cannot load VGG19 weights")):
+        with pytest.raises(FeatureExtractorError, match=message):
+            build_feature_extractor(setting)

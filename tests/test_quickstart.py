@@ -40,3 +40,13 @@ def test_quickstart_makes_every_result(tmp_path):
 
     again = CliRunner().invoke(main, ["quickstart", "--out", str(out), "--no-progress"])
     assert again.exit_code != 0 and "--overwrite" in again.output
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_quickstart(tmp_path):
+    """--overwrite must not delete a folder of the user's that no quickstart wrote."""
+    precious = tmp_path / "my-data"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(main, ["quickstart", "--out", str(precious), "--overwrite", "--no-progress"])
+    assert result.exit_code != 0 and "holds no earlier quickstart" in result.output
+    assert (precious / "notes.txt").read_text() == "keep me"

@@ -66,6 +66,17 @@ def fixed_batch():
     return {"lr": tf.constant(lr), "hr": tf.constant(hr)}
 
 
+def test_learning_rate_switches_at_the_first_update_of_a_phase_and_after_milestones():
+    from tfgan_ct.config import PhaseSettings
+    from tfgan_ct.gan import halving_schedule
+
+    l1 = PhaseSettings(steps=4, learning_rate=2e-4, milestones=[2])
+    gan = PhaseSettings(steps=4, learning_rate=1e-4, milestones=[1, 3])
+    schedule = halving_schedule([(0, l1), (4, gan)])
+    rates = [float(schedule(i)) for i in range(8)]  # at the optimizer's iterations 0..7 = steps 1..8
+    np.testing.assert_allclose(rates, [2e-4, 2e-4, 1e-4, 1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5], rtol=1e-6)
+
+
 def test_each_phase_lowers_its_loss_on_a_fixed_batch():
     keras.utils.set_random_seed(1)
     model = tiny_gan(["train.l1_phase.learning_rate=1e-3", "train.gan_phase.learning_rate=1e-3"])
@@ -117,6 +128,17 @@ def test_train_export_and_plain_tensorflow_reload(converted, tiny_config, tmp_pa
     y = np.load(tmp_path / "y.npy")
     assert y.shape == (2, 48, 40, 1)
     np.testing.assert_allclose(y, np.clip(g(x).numpy(), 0, 1), atol=1e-6)
+
+    # The same run again into another models folder (the README's Scratch baseline with
+    # --warm-start none) exports its final checkpoint there without training; then both are known.
+    other = train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "scratch_models",
+                        runs_dir=tmp_path / "runs")
+    assert other.export_dir == tmp_path / "scratch_models/ncct/1" and other.resumed_from == 8
+    assert other.run_dir == result.run_dir
+    for models in ("models", "scratch_models"):
+        done = train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / models, runs_dir=tmp_path / "runs")
+        assert done.export_dir == tmp_path / models / "ncct/1"
+    assert export.versions(tmp_path / "models/ncct") == [1]
 
 
 def test_warm_start_reproduces_parent_and_refuses_mismatch(converted, tiny_config, tmp_path):
@@ -341,3 +363,12 @@ def test_mixed_precision_steps(policy):
         assert model.generator.weights[0].dtype == "float32"  # variables stay float32
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_bad_vgg_weights_stop_before_a_run_folder_is_made(converted, tiny_config, tmp_path):
+    out, _ = converted
+    result = run_cli("train", "--stage", "ncct", "--data", str(out), "--warm-start", "none", "--config",
+                     str(tiny_config), "--set", "model.vgg_weights=imagnet", "--runs-dir", str(tmp_path / "runs"),
+                     "--models-dir", str(tmp_path / "models"))
+    assert result.returncode != 0 and "model.vgg_weights='imagnet'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()

@@ -253,7 +253,7 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
     or `bicubic`. Metrics are computed on the [0, 1] windowed slices inside the
     brain mask, and over the whole slice as a second figure.
     """
-    from tfgan_ct.evaluate import EvaluationError, evaluate as run, markdown, summarize, write_outputs
+    from tfgan_ct.evaluate import EvaluationError, check_windows, evaluate as run, markdown, summarize, write_outputs
     from tfgan_ct.inference import BICUBIC, InferenceError
     from tfgan_ct.logs import log_to_file
 
@@ -263,6 +263,7 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
     with log_to_file(Path(out) / "evaluate.log"):
         loaded = _load_methods(specs, models_dir, server)
         try:
+            check_windows(loaded, cfg.modalities.get(modality).window, modality)
             results = run(loaded, slices, modality, split, tile, tile_pad, progress=not no_progress)
             table = summarize(results, baseline, alpha)
         except (EvaluationError, InferenceError) as exc:
@@ -293,6 +294,7 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
 def compare(methods, data_dir, out, indices, count, roi, panel, modality, split, models_dir, tile, tile_pad,
             cfg):
     """Figure in the style of the paper's Figure 2: bicubic, METHODS, ground truth, zoomed region."""
+    from tfgan_ct.evaluate import EvaluationError, check_windows
     from tfgan_ct.figure import compare as make, save_png
 
     try:
@@ -304,6 +306,10 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
         raise click.BadParameter("--roi takes Y,X,SIZE")
     modality, slices = _test_slices(data_dir, modality, split, None, cfg)
     loaded = _load_methods([m for m in methods if m != "bicubic"], models_dir)
+    try:
+        check_windows(loaded, cfg.modalities.get(modality).window, modality)
+    except EvaluationError as exc:
+        raise click.ClickException(str(exc)) from None
     try:
         image = make(slices, loaded, count, index_list, region, panel, tile, tile_pad)
     except ValueError as exc:
@@ -367,7 +373,7 @@ def bundled_config(name: str) -> Path:
 @click.option("--out", default="quickstart", show_default=True, type=click.Path(file_okay=False),
               help="Folder for everything the quickstart makes.")
 @click.option("--patients", type=int, default=6, show_default=True, help="Synthetic patients (split 4:1:1).")
-@click.option("--overwrite", is_flag=True, help="Empty --out first if it holds an earlier run.")
+@click.option("--overwrite", is_flag=True, help="Empty --out first if it holds an earlier quickstart (other folders are refused).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML configuration (default: configs/quickstart.yaml).")

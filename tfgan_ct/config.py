@@ -69,7 +69,7 @@ class Modalities:
 class ModalityRules:
     """How `--modality auto` classifies a series from its DICOM headers."""
 
-    # CTP: this many acquisitions (or more) at the same table position.
+    # CTP: this many different acquisition times (or more) at the same table position.
     ctp_min_timepoints: int = 3
     # CTA: one of these words in the series/study description or protocol
     # name, or a contrast agent named, together with thin slices.
@@ -176,14 +176,25 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (tuples as lists), ready for YAML or JSON."""
-        return _plain(dataclasses.asdict(self))
+        """Plain nested dict (tuples as lists), ready for YAML or JSON.
+
+        A secret `convert.salt` is replaced by `REDACTED_SALT`: everything
+        written from this dict (saved configs, run ids, export metadata) must
+        not let someone with the data and a patient ID recompute its hash.
+        """
+        plain = _plain(dataclasses.asdict(self))
+        if plain["convert"]["salt"]:
+            plain["convert"]["salt"] = REDACTED_SALT
+        return plain
 
     def save(self, path: str | Path) -> None:
         """Write the resolved configuration as YAML (atomic)."""
         from tfgan_ct.fileio import atomic_write_text
 
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+REDACTED_SALT = "<secret, not saved: pass it again with --set convert.salt=...>"
 
 
 def _plain(value: Any) -> Any:

@@ -26,9 +26,9 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from tfgan_ct import dicom_io, modality as modality_rules, resize, splits
-from tfgan_ct.config import Config, ConfigError
+from tfgan_ct.config import REDACTED_SALT, Config, ConfigError
 from tfgan_ct.fileio import atomic_write_text, staged_directory
-from tfgan_ct.logs import log_to_file
+from tfgan_ct.logs import TERMINAL_ONLY, log_to_file
 from tfgan_ct.masking import brain_mask
 from tfgan_ct.shards import FORMAT, FORMAT_VERSION, MANIFEST, RecordMeta, ShardWriter, encode
 from tfgan_ct.version import __version__
@@ -91,8 +91,13 @@ class Summary:
 
 
 def check_settings(cfg: Config) -> None:
-    """Reject patch settings that cannot work (before any file is read)."""
+    """Reject settings that cannot work (before any file is read)."""
     c = cfg.convert
+    if c.scale != 4:  # the generator, the bicubic baseline and serving are all x4
+        raise ConfigError(f"convert.scale={c.scale}: only 4 is supported")
+    if c.salt == REDACTED_SALT:
+        raise ConfigError("convert.salt: this configuration was saved without its secret salt; "
+                          "pass the salt again with --set convert.salt=... (or leave it empty)")
     for name in ("patch_size", "patch_stride"):
         value = getattr(c, name)
         if value <= 0 or value % c.scale:
@@ -227,7 +232,7 @@ def scan(inputs, pool, progress: bool) -> tuple[list[dicom_io.Frame], list[dicom
     for result in pool.imap(dicom_io.frames_of, paths, chunksize=32):
         bar.update()
         if isinstance(result, dicom_io.Skipped):
-            log.warning("skipped %s: %s", dicom_io.relpath(result.path), result.reason)
+            log.warning("skipped %s: %s", dicom_io.relpath(result.path), result.reason, extra=TERMINAL_ONLY)
             skipped.append(result)
         else:
             frames.extend(result)
@@ -275,8 +280,8 @@ def _series_order(key: tuple[str, str], salt: str) -> str:
 
 def _slice_key(kind: str):
     if kind == "ctp":
-        return lambda f: (f.time, f.position, f.instance, f.path, f.frame)
-    return lambda f: (f.position, f.instance, f.path, f.frame)
+        return lambda f: (f.time, dicom_io.position_key(f.position), f.instance, f.path, f.frame)
+    return lambda f: (dicom_io.position_key(f.position), f.instance, f.path, f.frame)
 
 
 def _log_plans(plans: list[SeriesPlan], skipped: list[dicom_io.Skipped]) -> None:
@@ -397,7 +402,7 @@ def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summar
         for item in skipped:
             if item.path not in reported:  # a multi-frame file can span several tasks
                 reported.add(item.path)
-                log.warning("skipped %s: %s", dicom_io.relpath(item.path), item.reason)
+                log.warning("skipped %s: %s", dicom_io.relpath(item.path), item.reason, extra=TERMINAL_ONLY)
                 summary.skipped.append(item)
         key = (plan.split, plan.modality)
         if key not in writers:
@@ -533,3 +538,7 @@ def _log_summary(summary: Summary) -> None:
         log.info("%d slice(s) without brain tissue were left out", summary.empty_slices)
     log.info("%d slice(s) in %.1f s (%.0f slices/s); %d file(s) skipped", n_slices, summary.seconds,
              n_slices / max(summary.seconds, 1e-9), len(summary.skipped))
+    if summary.skipped:  # the per-file lines (with paths) went to the terminal only
+        reasons = Counter(_reason_class(s.reason) for s in summary.skipped)
+        log.info("skipped files by reason (their names are printed on the terminal, not logged here): %s",
+                 "; ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items())))

@@ -47,6 +47,9 @@ CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2.2",    # Legacy Converted Enhanced CT Image Storage
 }
 
+# What reading a bad header value can raise; `frames_of` turns these into a skip reason.
+HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -78,8 +81,12 @@ class PixelLayout:
 class Frame:
     """One CT image (a file, or one frame of a multi-frame file), header only.
 
-    `position` is the slice position in mm along the slice normal; `time` orders
-    repeated acquisitions (CTP). Text fields are upper-cased for rule matching.
+    `position` is the slice position in mm along the slice normal, or None when
+    the header gives none (ImagePositionPatient, SliceLocation and the retired
+    ImagePosition all missing): such slices are ordered by `instance`
+    (InstanceNumber), then file, and never count as repeats of one table
+    position. `time` orders repeated acquisitions (CTP). Text fields are
+    upper-cased for rule matching.
     """
 
     path: str
@@ -87,7 +94,7 @@ class Frame:
     instance_uid: str               # SOP Instance UID, to spot one image stored twice
     patient: str                    # patient identity for grouping (never written out)
     series: str                     # series identity for grouping (never written out)
-    position: float
+    position: float | None
     time: float
     instance: int
     rows: int
@@ -159,7 +166,7 @@ def _read_forced(path: str | Path, pixels: bool) -> pydicom.Dataset:
     # Pre-DICOM-3 (ACR-NEMA) files often leave out what is implied for grey images.
     if "SamplesPerPixel" not in ds:
         ds.SamplesPerPixel = 1
-    if "PhotometricInterpretation" not in ds and int(ds.SamplesPerPixel) == 1:
+    if "PhotometricInterpretation" not in ds and _int(ds, "SamplesPerPixel", 1) == 1:
         ds.PhotometricInterpretation = "MONOCHROME2"
     if "TransferSyntaxUID" not in ds.file_meta:
         implicit, little = ds.original_encoding
@@ -170,31 +177,63 @@ def _read_forced(path: str | Path, pixels: bool) -> pydicom.Dataset:
 
 
 def frames_of(path: Path) -> list[Frame] | Skipped:
-    """Header-only read of one file: its CT frames, or why it is skipped."""
+    """Header-only read of one file: its CT frames, or why it is skipped.
+
+    Never raises for a bad file: an unreadable file or a missing, empty or
+    malformed header value gives a `Skipped` with the reason.
+    """
     path = Path(path)
     try:
         ds = read_dataset(path, pixels=False)
     except ValueError as exc:
         return Skipped(str(path), str(exc))
-    modality = str(ds.get("Modality", "")).upper()
-    sop_class = str(ds.get("SOPClassUID", ""))
-    if modality != "CT" and sop_class not in CT_SOP_CLASSES:
-        return Skipped(str(path), f"not CT (Modality {modality or 'missing'})")
-    if "PixelData" not in ds:
-        return Skipped(str(path), "no pixel data")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        return Skipped(str(path), f"not a grey-scale image (SamplesPerPixel {ds.SamplesPerPixel})")
     try:
+        reason = _not_usable(ds)
+        if reason is not None:
+            return Skipped(str(path), reason)
         frames = _frames_from_header(path, ds)
-    except (ValueError, TypeError, AttributeError, IndexError) as exc:
+    except HEADER_ERRORS as exc:
         return Skipped(str(path), f"unusable header ({exc})")
     try:
         layout = pixel_layout(ds)
-    except (ValueError, TypeError, AttributeError, IndexError):
+    except HEADER_ERRORS:
         layout = None  # the pixel pass reads the file in full and says what is wrong
     for frame in frames:
         frame.layout = layout
     return frames
+
+
+def _not_usable(ds: pydicom.Dataset) -> str | None:
+    """Why `ds` is not a grey-scale CT image with pixels; None if it is one."""
+    modality = str(ds.get("Modality", "")).upper()
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if modality != "CT" and sop_class not in CT_SOP_CLASSES:
+        return f"not CT (Modality {modality or 'missing'})"
+    if "PixelData" not in ds:
+        return "no pixel data"
+    samples = _int(ds, "SamplesPerPixel", 1)
+    if samples != 1:
+        return f"not a grey-scale image (SamplesPerPixel {samples})"
+    return None
+
+
+def _int(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int:
+    """Integer value of `keyword`, `default` if the tag is absent.
+
+    Raises ValueError naming the tag when it is empty, not a number, or absent
+    without a default.
+    """
+    if keyword not in ds:
+        if default is None:
+            raise ValueError(f"{keyword} missing")
+        return default
+    value = ds[keyword].value
+    if value is None or value == "":
+        raise ValueError(f"{keyword} is empty")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{keyword} is not a number ({value!r})") from None
 
 
 def pixel_layout(ds: pydicom.Dataset) -> PixelLayout | None:
@@ -240,10 +279,10 @@ def _frames_from_header(path: Path, ds: pydicom.Dataset) -> list[Frame]:
         frames.append(Frame(
             path=str(path), frame=i, instance_uid=str(ds.get("SOPInstanceUID", "") or path),
             patient=patient, series=series,
-            position=float(np.dot(position, normal)) if position is not None else float(i),
+            position=None if position is None else float(np.dot(position, normal)),
             time=_time(ds, group, i),
             instance=int(ds.get("InstanceNumber", 0) or 0),
-            rows=int(ds.Rows), columns=int(ds.Columns),
+            rows=_int(ds, "Rows"), columns=_int(ds, "Columns"),
             pixel_spacing=_pixel_spacing(ds, group, shared),
             slice_thickness=_float(_lookup(ds, group, shared, "PixelMeasuresSequence", "SliceThickness")),
             description=description,
@@ -275,10 +314,17 @@ def _orientation(ds, shared) -> np.ndarray:
 
 
 def _position(ds, group, shared) -> np.ndarray | None:
+    """Position of the image in mm (x, y, z): ImagePositionPatient (per-frame, shared or
+    top level), else SliceLocation (as z), else the retired ACR-NEMA ImagePosition
+    (0020,0030); None when the header gives none of them."""
     value = _lookup(ds, group, shared, "PlanePositionSequence", "ImagePositionPatient")
     if value is None or len(value) != 3:
-        location = ds.get("SliceLocation")
-        return None if location is None else np.array([0.0, 0.0, float(location)])
+        location = _float(ds.get("SliceLocation"))
+        if location is not None:
+            return np.array([0.0, 0.0, location])
+        value = ds.get("ImagePosition")  # retired (0020,0030), in pre-DICOM-3 files
+        if value is None or len(value) != 3:
+            return None
     return np.array([float(v) for v in value])
 
 
@@ -288,6 +334,8 @@ def _time(ds, group, index: int) -> float:
         item = group.FrameContentSequence[0]
         if "TemporalPositionIndex" in item:
             return float(item.TemporalPositionIndex)
+        if item.get("FrameAcquisitionDateTime"):  # DT: YYYYMMDDHHMMSS.FFFFFF; the clock time orders a scan
+            return _seconds(str(item.FrameAcquisitionDateTime)[8:].split("+")[0].split("-")[0])
     for keyword in ("TemporalPositionIndex", "TemporalPositionIdentifier"):
         if ds.get(keyword) is not None:
             return float(ds.get(keyword))
@@ -437,6 +485,14 @@ def _decode_reason(ds: pydicom.Dataset, exc: Exception) -> str:
     if syntax is not None and syntax.is_compressed:
         return f"cannot decode {syntax.name} pixel data ({text[:160]})"
     return f"pixel data unreadable ({text[:160]})"
+
+
+def position_key(position: float | None) -> tuple[bool, float]:
+    """Sort key for `Frame.position` that also takes None: known positions in order
+    (mm along the normal), then the unknown ones, which the rest of a slice key
+    (InstanceNumber, file, frame) orders. Use it wherever slices are sorted by
+    position: None and a float cannot be compared."""
+    return position is None, 0.0 if position is None else position
 
 
 def merge_duplicates(frames: list[Frame]) -> list[Frame]:

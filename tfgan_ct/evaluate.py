@@ -27,7 +27,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from tfgan_ct import inference, metrics
-from tfgan_ct.config import Config
+from tfgan_ct.config import Config, Window
 from tfgan_ct.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,23 @@ def score(sr: np.ndarray, item: Slice) -> dict[str, float]:
             "ssim": metrics.ssim(sr, item.hr, 1.0, mask=item.mask),
             "psnr_full": metrics.psnr(sr, item.hr, 1.0),
             "ssim_full": metrics.ssim(sr, item.hr, 1.0)}
+
+
+def check_windows(methods: list[inference.Method], window: Window, modality: str) -> None:
+    """Refuse models trained on a different HU window than the one the slices are scored in.
+
+    A model sees [0, 1] = `window`; given slices windowed otherwise it gets
+    inputs on another scale and its scores are meaningless.
+    """
+    for method in methods:
+        trained = method.metadata.get("window")
+        if trained and (trained["center"], trained["width"]) != (window.center, window.width):
+            raise EvaluationError(
+                f"{method.name} was trained on the HU window center {trained['center']:g} / width "
+                f"{trained['width']:g}, but the {modality} slices are windowed with center {window.center:g} / "
+                f"width {window.width:g}; evaluate with the model's window (--set "
+                f"modalities.{modality}.window.center={trained['center']:g} --set "
+                f"modalities.{modality}.window.width={trained['width']:g}) or use a model trained on this one")
 
 
 def evaluate(methods: list[inference.Method], slices: list[Slice], modality: str, split: str = "test",

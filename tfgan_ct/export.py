@@ -36,18 +36,29 @@ from tfgan_ct import serving
 from tfgan_ct.config import Window
 
 METADATA = "tfgan_ct.json"
+RENAME_ATTEMPTS = 5                 # version numbers tried before export_stage gives up
 
 
 class ExportError(RuntimeError):
     """A missing, unreadable or incompatible export."""
 
 
+def _is_version(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
 def versions(stage_dir: Path) -> list[int]:
-    """Integer versions present under saved_models/<stage>, sorted."""
+    """Integer versions present under saved_models/<stage>, sorted (complete exports only)."""
     if not stage_dir.is_dir():
         return []
     return sorted(int(p.name) for p in stage_dir.iterdir()
-                  if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").is_file())
+                  if p.is_dir() and _is_version(p.name) and (p / "saved_model.pb").is_file())
+
+
+def _next_version(stage_dir: Path) -> int:
+    """1 + the largest integer-named entry of any kind: an incomplete folder or a stray
+    file named `1` blocks that number as surely as a complete export does."""
+    return max((int(p.name) for p in stage_dir.iterdir() if _is_version(p.name)), default=0) + 1
 
 
 def export_stage(generator: keras.Model, discriminator: keras.Model, models_dir: str | Path,
@@ -59,8 +70,8 @@ def export_stage(generator: keras.Model, discriminator: keras.Model, models_dir:
     try:
         _write_saved_model(generator, discriminator, stage_tmp / "model", window)
         serving.write_warmup(stage_tmp / "model", model_name=stage)
-        while True:
-            version = (versions(stage_dir) or [0])[-1] + 1
+        for _ in range(RENAME_ATTEMPTS):
+            version = _next_version(stage_dir)
             info = {**metadata, "stage": stage, "version": version, "scale": scale,
                     "window": {"center": window.center, "width": window.width},
                     "signatures": {"serving_default": "lr [b,h,w,1] in [0,1] -> sr [b,4h,4w,1]",
@@ -68,13 +79,17 @@ def export_stage(generator: keras.Model, discriminator: keras.Model, models_dir:
                     "variable_paths": {"generator": [v.path for v in generator.variables],
                                        "discriminator": [v.path for v in discriminator.variables]}}
             (stage_tmp / "model" / METADATA).write_text(json.dumps(info, indent=2) + "\n")
+            target = stage_dir / str(version)
             try:
-                os.rename(stage_tmp / "model", stage_dir / str(version))
-                return stage_dir / str(version)
+                os.rename(stage_tmp / "model", target)
+                return target
             except OSError:
-                if not (stage_dir / str(version)).exists():
+                if not os.path.lexists(target):
                     raise
                 # another export took this version number meanwhile; take the next
+        raise ExportError(f"cannot export {stage}: {target} already exists ({RENAME_ATTEMPTS} version "
+                          f"numbers tried); move away the integer-named entries in {stage_dir} that are "
+                          f"not complete exports, and check that no other export writes there")
     finally:
         shutil.rmtree(stage_tmp, ignore_errors=True)
 
@@ -137,8 +152,9 @@ def read_metadata(path: Path) -> dict:
 def warm_start(generator: keras.Model, discriminator: keras.Model, path: Path) -> int:
     """Copy both networks' weights from the export at `path`, matched by variable path.
 
-    Raises ExportError naming the first variable that is missing or has another
-    shape. Returns the number of variables restored.
+    Raises ExportError naming the first variable that is missing, has another
+    shape, or is in the export but not in the model; nothing is assigned then.
+    Returns the number of variables restored.
     """
     try:
         loaded = tf.saved_model.load(str(path))
@@ -147,7 +163,7 @@ def warm_start(generator: keras.Model, discriminator: keras.Model, path: Path) -
     paths = read_metadata(path).get("variable_paths")
     if not paths:
         raise ExportError(f"{path}: no variable_paths in {METADATA} (not made by tfgan-ct?)")
-    count = 0
+    pairs = []
     for name, model in (("generator", generator), ("discriminator", discriminator)):
         stored = list(getattr(loaded, f"{name}_variables", []))
         if len(stored) != len(paths.get(name, [])):
@@ -162,6 +178,13 @@ def warm_start(generator: keras.Model, discriminator: keras.Model, path: Path) -
                 raise ExportError(f"warm start from {path}: variable {variable.path!r} has shape "
                                   f"{tuple(other.shape)} in the export but {tuple(variable.shape)} here "
                                   f"(different model settings?)")
-            variable.assign(other)
-            count += 1
-    return count
+            pairs.append((variable, other))
+        here = {variable.path for variable in model.variables}
+        extra = [p for p in source if p not in here]
+        if extra:
+            raise ExportError(f"warm start from {path}: variable {extra[0]!r} of the export is not in "
+                              f"this {name} ({len(extra)} such, {len(source)} {name} variables there, "
+                              f"{len(here)} here; different model settings?)")
+    for variable, other in pairs:
+        variable.assign(other)
+    return len(pairs)

@@ -25,8 +25,12 @@ from tfgan_ct.config import PhaseSettings, TrainSettings
 def halving_schedule(phases: list[tuple[int, PhaseSettings]]) -> keras.optimizers.schedules.LearningRateSchedule:
     """Piecewise-constant learning rate over consecutive phases.
 
-    phases: [(first step of the phase, its settings), ...]; within a phase the
-    rate starts at `learning_rate` and halves at each of its `milestones`.
+    phases: [(steps before the phase, its settings), ...]; within a phase the
+    rate starts at `learning_rate` and halves after each of its `milestones`
+    (counted in steps of the phase). The schedule is evaluated at the
+    optimizer's `iterations`, the number of updates made so far, so update
+    `start + k` (0-based) is the phase's (k+1)-th and Keras's
+    "rate i while step <= boundary i" needs boundaries one below the switch.
     """
     boundaries: list[int] = []
     values: list[float] = []
@@ -34,12 +38,12 @@ def halving_schedule(phases: list[tuple[int, PhaseSettings]]) -> keras.optimizer
         if phase.steps <= 0:
             continue
         if values:
-            boundaries.append(start)
+            boundaries.append(start - 1)
         rate = phase.learning_rate
         values.append(rate)
-        for milestone in sorted(m for m in phase.milestones if 0 < m < phase.steps):
+        for milestone in sorted({m for m in phase.milestones if 0 < m < phase.steps}):
             rate *= 0.5
-            boundaries.append(start + milestone)
+            boundaries.append(start + milestone - 1)
             values.append(rate)
     if not values:
         values = [0.0]

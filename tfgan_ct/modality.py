@@ -2,7 +2,8 @@
 
 Rules (thresholds and words in `convert.rules` of the config):
 - CTP: repeated acquisitions over time at the same table positions
-  (at least `ctp_min_timepoints` images per position).
+  (at least `ctp_min_timepoints` different acquisition times at one position;
+  slices without a known position, and copies with the same time, never count).
 - CTA: an angiography keyword in the descriptions, or a contrast agent named,
   together with thin slices (at most `cta_max_slice_thickness_mm`).
 - NCCT: everything else.
@@ -10,7 +11,7 @@ Rules (thresholds and words in `convert.rules` of the config):
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import defaultdict
 
 from tfgan_ct.config import ModalityRules
 from tfgan_ct.dicom_io import Frame
@@ -20,8 +21,8 @@ MODALITIES = ("ncct", "ctp", "cta")
 
 def classify(frames: list[Frame], rules: ModalityRules) -> tuple[str, str]:
     """(modality, reason) for the frames of one series."""
-    per_position = Counter(round(f.position, 1) for f in frames)
-    repeats = max(per_position.values())
+    per_position = _times_per_position(frames)
+    repeats = max(per_position.values(), default=0)
     if repeats >= rules.ctp_min_timepoints:
         return "ctp", (f"{repeats} acquisitions at the same table position "
                        f"(>= {rules.ctp_min_timepoints}) over {len(per_position)} position(s)")
@@ -39,3 +40,12 @@ def classify(frames: list[Frame], rules: ModalityRules) -> tuple[str, str]:
         return "ncct", (f"contrast/angio hint but slices {thickness if thickness is not None else '?'}"
                         f" mm thick (CTA needs <= {rules.cta_max_slice_thickness_mm:g} mm)")
     return "ncct", "no repeated positions, no contrast or angiography hints"
+
+
+def _times_per_position(frames: list[Frame]) -> dict[float, int]:
+    """Number of different acquisition times at each known table position (0.1 mm)."""
+    times: dict[float, set[float]] = defaultdict(set)
+    for f in frames:
+        if f.position is not None:
+            times[round(f.position, 1)].add(round(f.time, 3))
+    return {position: len(t) for position, t in times.items()}

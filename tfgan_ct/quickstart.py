@@ -71,6 +71,9 @@ def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwr
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise QuickstartError(f"{out} is not empty (use --overwrite to start again there)")
+        if not (out / "quickstart.log").is_file():  # never empty a folder that is not ours
+            raise QuickstartError(f"{out} is not empty and holds no earlier quickstart (no quickstart.log); "
+                                  f"--overwrite only replaces a quickstart folder: choose a new or empty --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     result = QuickstartResult(out)

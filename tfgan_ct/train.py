@@ -35,7 +35,7 @@ from tfgan_ct.fileio import atomic_write_text
 from tfgan_ct.gan import TransferGAN
 from tfgan_ct.logs import log_to_file
 from tfgan_ct.generator import build_generator
-from tfgan_ct.vgg import build_feature_extractor
+from tfgan_ct.vgg import FeatureExtractorError, build_feature_extractor, check_weights_setting
 
 log = logging.getLogger("tfgan_ct.train")
 
@@ -111,6 +111,10 @@ def train_stage(stage: str, data_dir: str | Path, cfg: Config, warm_start: str =
         data.shard_files(data_dir, "train", modality, manifest)
     except data.DataError as exc:
         raise TrainingError(str(exc)) from None
+    try:
+        check_weights_setting(cfg.model.vgg_weights)
+    except FeatureExtractorError as exc:
+        raise TrainingError(str(exc)) from None
     parent = resolve_warm_start(stage, warm_start, models_dir)
     run_dir = Path(runs_dir) / f"{stage}-{run_id(stage, manifest, cfg, parent)}"
     if restart and run_dir.exists():
@@ -118,9 +122,14 @@ def train_stage(stage: str, data_dir: str | Path, cfg: Config, warm_start: str =
     done = run_dir / "exported.json"
     if done.is_file():
         info = json.loads(done.read_text())
-        log.info("run %s already finished; its export is %s (use --restart to train again)",
-                 run_dir, info["export_dir"])
-        return TrainResult(run_dir, Path(info["export_dir"]), info["steps"], info["steps"])
+        here = [Path(e) for e in _exports(info) if (Path(e) / "saved_model.pb").is_file()
+                and Path(e).resolve().parent.parent == models_dir.resolve()]
+        if here:
+            log.info("run %s already finished; its export is %s (use --restart to train again)", run_dir, here[-1])
+            return TrainResult(run_dir, here[-1], info["steps"], info["steps"])
+        # Finished, but its export is gone or lives in another models folder:
+        # export the final checkpoint again (resuming at the last step trains nothing).
+        log.info("run %s already finished; exporting its final checkpoint to %s", run_dir, models_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     policy = keras.mixed_precision.global_policy()
@@ -145,7 +154,10 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
         generator = build_generator(cfg.model.num_blocks, cfg.model.features, cfg.model.growth,
                                     manifest["scale"])
         discriminator = build_discriminator(patch, features=cfg.model.d_features)
-        vgg = build_feature_extractor(cfg.model.vgg_weights)
+        try:
+            vgg = build_feature_extractor(cfg.model.vgg_weights)
+        except FeatureExtractorError as exc:
+            raise TrainingError(str(exc)) from None
         model = TransferGAN(generator, discriminator, vgg, tc, global_batch=cfg.data.batch_size)
         model.build_optimizers()
         model.compile()
@@ -207,7 +219,9 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
         return TrainResult(run_dir, models_dir / stage, steps, resumed)
     out = export.export_stage(generator, discriminator, models_dir, stage, window, manifest["scale"], meta)
     log.info("exported %s", out)
-    atomic_write_text(run_dir / "exported.json", json.dumps({"export_dir": str(out), "steps": steps}) + "\n")
+    done = run_dir / "exported.json"
+    earlier = _exports(json.loads(done.read_text())) if done.is_file() else []
+    atomic_write_text(done, json.dumps({"exports": [*earlier, str(out)], "steps": steps}) + "\n")
     return TrainResult(run_dir, out, steps, resumed)
 
 
@@ -228,6 +242,11 @@ def worker_position(strategy) -> tuple[int, int]:
         return 1, 0
     index = 0 if resolver.task_type == "chief" else chiefs + resolver.task_id
     return chiefs + workers, index
+
+
+def _exports(info: dict) -> list[str]:
+    """Export folders recorded in a run's exported.json (older runs recorded one, as `export_dir`)."""
+    return info.get("exports") or [info["export_dir"]]
 
 
 def is_chief(strategy) -> bool:

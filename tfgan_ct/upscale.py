@@ -142,7 +142,7 @@ def _find_series(inputs, summary: Summary) -> dict[tuple[str, str], list[dicom_i
     for frame in dicom_io.merge_duplicates(frames):
         groups[(frame.patient, frame.series)].append(frame)
     for members in groups.values():
-        members.sort(key=lambda f: (f.instance, f.position, f.time, f.path, f.frame))
+        members.sort(key=lambda f: (f.instance, dicom_io.position_key(f.position), f.time, f.path, f.frame))
     return dict(sorted(groups.items()))
 
 
