@@ -36,6 +36,8 @@ def test_csv(tmp_path):
     path = tmp_path / "splits.csv"
     path.write_text("patient,split\nA,train\nB,val\nC,Test\n")
     assert splits.read_split_csv(path) == {"A": "train", "B": "validation", "C": "test"}
+    path.write_bytes(b"\xef\xbb\xbfpatient,split\r\nA,train\r\n")  # Excel's "CSV UTF-8": a BOM, CRLF
+    assert splits.read_split_csv(path) == {"A": "train"}
     path.write_text("patient,split\nA,train\nA,test\n")
     with pytest.raises(ValueError, match="line 3: a patient is listed in two splits"):
         splits.read_split_csv(path)

@@ -69,7 +69,7 @@ def read_split_csv(path: str | Path) -> dict[str, str]:
     """Read a CSV with columns `patient,split` (header row required) into a mapping."""
     path = Path(path)
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             rows = list(csv.DictReader(f))
     except OSError as exc:
         raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
