@@ -95,6 +95,13 @@ def test_evaluate_cli_errors(converted, tiny_export, tmp_path):
                                    "--models-dir", str(tiny_export), "--out", str(tmp_path)])
     assert missing.exit_code != 0 and "tfgan-ct train --stage cta" in missing.output
     assert "Traceback" not in missing.output
+    negative = runner.invoke(main, ["evaluate", "bicubic", "--data", str(data), "--tile-pad", "-1",
+                                    "--out", str(tmp_path)])
+    assert negative.exit_code == 2 and "--tile-pad" in negative.output
+    figure = tmp_path / "new" / "folder" / "figure.png"  # compare makes the folder
+    made = runner.invoke(main, ["compare", "ncct", "--data", str(data), "--modality", "ncct", "--models-dir",
+                                str(tiny_export), "--out", str(figure)])
+    assert made.exit_code == 0 and figure.is_file(), made.output
     # The tiny export was trained on the NCCT window 40/80: another window is refused.
     for command in (["evaluate", "ncct", "--out", str(tmp_path)], ["compare", "ncct", "--out", str(tmp_path / "f.png")]):
         other = runner.invoke(main, [*command, "--data", str(data), "--modality", "ncct", "--models-dir",

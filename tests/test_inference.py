@@ -24,6 +24,19 @@ def test_tile_plan_covers_the_image_once():
     assert (covered == 1).all() and len(plan) == 4 * 3
 
 
+def test_negative_tile_padding_is_refused():
+    with pytest.raises(ValueError, match="tile padding must be >= 0"):
+        inference.tiles(50, 37, 16, -1)
+
+
+def test_server_specs_are_checked():
+    method = inference.load("ncct@3", server="http://localhost:1")
+    assert method.metadata == {"stage": "ncct", "server": "http://localhost:1", "version": 3}
+    for bad in ("ncct@latest", "@2"):
+        with pytest.raises(inference.InferenceError, match="STAGE or STAGE@N"):
+            inference.load(bad, server="http://localhost:1")
+
+
 def test_tiled_equals_untiled_when_pad_covers_the_receptive_field():
     method = keras_method()
     lr = np.random.default_rng(0).random((45, 38)).astype(np.float32)

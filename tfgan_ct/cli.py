@@ -214,9 +214,9 @@ def _test_slices(data_dir, modality, split, limit, cfg):
 
 _MODELS_DIR = click.option("--models-dir", default="saved_models", show_default=True,
                            type=click.Path(file_okay=False), help="Where stage exports are read.")
-_TILE = click.option("--tile", type=int, default=0, show_default=True,
+_TILE = click.option("--tile", type=click.IntRange(min=0), default=0, show_default=True,
                      help="LR tile size for tiled inference (0: whole image at once).")
-_TILE_PAD = click.option("--tile-pad", type=int, default=16, show_default=True,
+_TILE_PAD = click.option("--tile-pad", type=click.IntRange(min=0), default=16, show_default=True,
                          help="LR pixels of context around each tile.")
 _SPLIT = click.option("--split", type=click.Choice(["test", "validation"]), default="test",
                       show_default=True, help="Which slices of the dataset to use.")
@@ -314,6 +314,7 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
         image = make(slices, loaded, count, index_list, region, panel, tile, tile_pad)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_png(image, out)
     click.echo(f"wrote {out} ({image.width}x{image.height})")
 
@@ -327,11 +328,12 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
               help="TensorFlow Serving REST endpoint (e.g. http://localhost:8501) serving --model.")
 @click.option("--format", "fmt", type=click.Choice(["dicom", "png", "npy"]), default="dicom",
               show_default=True, help="DICOM series, windowed 8-bit PNGs or a float32 HU array.")
-@click.option("--window", default=None, metavar="C,W", help="HU window of the model (default: its export's).")
+@click.option("--window", default=None, metavar="C,W",
+              help="HU window of the model (default: its export's; with --server, the config's for the stage).")
 @click.option("--outside-window", type=click.Choice(["bicubic", "clip"]), default="bicubic",
               show_default=True, help="Pixels outside the window: bicubic HU, or the model clipped.")
 @_MODELS_DIR
-@click.option("--tile", type=int, default=256, show_default=True,
+@click.option("--tile", type=click.IntRange(min=0), default=256, show_default=True,
               help="LR tile size, bounding memory for any image size (0: whole image at once).")
 @_TILE_PAD
 @click.option("--overwrite", is_flag=True, help="Replace output series folders that exist.")
@@ -348,6 +350,10 @@ def upscale(inputs, out, spec, server, fmt, window, outside_window, models_dir, 
     from tfgan_ct.upscale import UpscaleError, upscale as run
 
     method = _load_methods([spec], models_dir, server)[0]
+    if server and window is None:
+        logging.getLogger("tfgan_ct.upscale").warning(
+            "--server: the served model's HU window is not known here; using the config's window for "
+            "stage %r. Pass --window C,W if the model was trained with another one", method.metadata["stage"])
     try:
         summary = run(inputs, out, method, cfg, fmt, _window_option(window), outside_window, tile, tile_pad,
                       overwrite, progress=not no_progress)

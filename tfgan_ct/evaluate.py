@@ -107,6 +107,10 @@ def check_windows(methods: list[inference.Method], window: Window, modality: str
     """
     for method in methods:
         trained = method.metadata.get("window")
+        if not trained and method.metadata.get("server"):
+            log.warning("%s: the served model's HU window is not known here; scoring assumes it is the "
+                        "config's %s window (center %g, width %g)", method.name, modality, window.center,
+                        window.width)
         if trained and (trained["center"], trained["width"]) != (window.center, window.width):
             raise EvaluationError(
                 f"{method.name} was trained on the HU window center {trained['center']:g} / width "

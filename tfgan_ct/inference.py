@@ -99,7 +99,8 @@ def remote(url: str, model: str, version: int | None = None, name: str | None = 
         except serving.ServingError as exc:
             raise InferenceError(str(exc)) from None
 
-    return Method(name or f"{model}@{url}", predict, scale, {"stage": model, "server": url})
+    return Method(name or f"{model}@{url}", predict, scale,
+                  {"stage": model, "server": url, **({"version": version} if version else {})})
 
 
 def load(spec: str, models_dir: str | Path = "saved_models", server: str | None = None) -> Method:
@@ -118,6 +119,8 @@ def load(spec: str, models_dir: str | Path = "saved_models", server: str | None 
         return method
     if server:
         stage, _, version = spec.partition("@")
+        if not stage or (version and not version.isdigit()):
+            raise InferenceError(f"{spec!r}: with --server, a model is STAGE or STAGE@N (N a version number)")
         return remote(server, stage, int(version) if version else None, name=name or spec)
     try:
         path = resolve(spec, models_dir)
@@ -149,6 +152,8 @@ def tiles(height: int, width: int, tile: int, pad: int) -> list[tuple[tuple[int,
     """
     if tile <= 0:
         raise ValueError(f"tile must be positive, got {tile}")
+    if pad < 0:
+        raise ValueError(f"tile padding must be >= 0, got {pad}")
     plan = []
     for y0 in range(0, height, tile):
         for x0 in range(0, width, tile):
