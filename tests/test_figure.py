@@ -56,3 +56,56 @@ def test_compare_cli(converted, tiny_export, tmp_path):
     assert result.exit_code == 0, result.output
     image = Image.open(out)
     assert image.width == 3 * 128 + 4 * figure.MARGIN  # bicubic, ncct, ground truth
+
+
+def _wide_slice():
+    """A 64 x 128 (H x W) slice: black with a white 32 x 32 square at rows 16:48, cols 8:40."""
+    hr = np.zeros((64, 128), np.float32)
+    hr[16:48, 8:40] = 1.0
+    lr = hr.reshape(16, 4, 32, 4).mean(axis=(1, 3))
+    return Slice(lr, hr, np.ones(hr.shape, bool), "p", "s", 0)
+
+
+def test_non_square_slice_keeps_aspect_and_box_lands_on_the_roi():
+    panel = 96  # 64 x 128 -> 48 x 96 at scale 0.75, centred: 24 rows of background above and below
+    full_row, zoom_row, _ = figure._slice_rows(_wide_slice(), [figure.inference.bicubic()],
+                                               (16, 80, 16), panel, 0, 16)
+    truth = np.asarray(full_row[-1])
+    assert truth.shape == (panel, panel, 3)
+    assert (truth[:24] == figure.BACKGROUND).all() and (truth[72:] == figure.BACKGROUND).all()
+    # HR rows 16:32, cols 80:96 -> panel rows 36..47, cols 60..71 (outline drawn inwards)
+    box = (truth == figure.BOX_COLOUR).all(axis=-1)
+    for yy, xx in [(36, 66), (47, 66), (42, 60), (42, 71), (36, 60), (47, 71)]:
+        assert box[yy, xx], (yy, xx)
+    assert not box[42, 66]  # the inside of the box is not painted
+    rows, cols = np.nonzero(box)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (36, 47, 60, 71)
+    # not stretched: the 32 x 32 white square is a 24 x 24 square at rows 36:60, cols 6:30
+    bright = truth[..., 0] > 128
+    rows, cols = np.nonzero(bright & ~box)
+    assert abs(rows.min() - 36) <= 1 and abs(rows.max() - 59) <= 1
+    assert abs(cols.min() - 6) <= 1 and abs(cols.max() - 29) <= 1
+    assert all(np.asarray(z).shape == (panel, panel, 3) for z in zoom_row)  # the square ROI fills its panel
+
+
+def test_set5_woman_box_on_a_tall_image(shared_data):
+    path = shared_data / "natural" / "Set5" / "woman.png"
+    if not path.is_file():
+        pytest.skip("Set5 woman.png not found")
+    from tfgan_ct import resize
+    rgb = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+    hr = rgb @ np.array([0.299, 0.587, 0.114])
+    hr = hr[: hr.shape[0] // 4 * 4, : hr.shape[1] // 4 * 4]
+    assert hr.shape == (344, 228)
+    item = Slice(resize.downscale(hr, 4).astype(np.float32), hr.astype(np.float32),
+                 np.ones(hr.shape, bool), "p", "s", 0)
+    panel = 172  # scale 0.5: 172 x 114, 29 columns of background on the left
+    image = figure.compare([item], [], indices=[0], roi=(200, 100, 40), panel=panel)
+    full = figure._slice_rows(item, [figure.inference.bicubic()], (200, 100, 40), panel, 0, 16)[0][-1]
+    pixels = np.asarray(full)
+    assert (pixels[:, :29] == figure.BACKGROUND).all() and (pixels[:, 29 + 114:] == figure.BACKGROUND).all()
+    box = (pixels == figure.BOX_COLOUR).all(axis=-1)
+    rows, cols = np.nonzero(box)
+    # HR rows 200:240, cols 100:140 -> panel rows 100..119, cols 29 + 50..69
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (100, 119, 79, 98)
+    assert image.width == 2 * panel + 3 * figure.MARGIN

@@ -320,3 +320,61 @@ def test_help_lists_convert_images():
     assert result.exit_code == 0 and "convert-images" in result.output
     usage = CliRunner().invoke(main, ["convert-images", "--help"])
     assert usage.exit_code == 0 and "--split-csv" in usage.output and "BT.601" in usage.output
+
+
+def test_list_images_keys_for_a_glob_match_the_folder_and_ignore_input_order(tmp_path):
+    from tfgan_ct.images import list_images
+
+    names = make_set(tmp_path / "DIV2K", 4)
+    (tmp_path / "DIV2K/sub").mkdir()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "DIV2K/sub/deep.png")
+    folder, _ = list_images([tmp_path / "DIV2K"])
+    assert sorted(f.key for f in folder) == sorted([*names, "sub/deep.png"])
+    glob = sorted((tmp_path / "DIV2K").glob("*.png"))
+    keys = {Path(f.path).name: f.key for f in list_images(glob)[0]}
+    assert keys == {n: n for n in names}  # no "0/", "1/" prefixes
+    reordered = {Path(f.path).name: f.key for f in list_images(glob[::-1])[0]}
+    assert reordered == keys
+    fewer = {Path(f.path).name: f.key for f in list_images(glob[1:])[0]}
+    assert fewer == {n: n for n in names[1:]}  # dropping a file changes no other key
+    # a file also reached through its folder keeps the folder's key, in either order
+    for order in ([tmp_path / "DIV2K", tmp_path / "DIV2K/sub/deep.png"],
+                  [tmp_path / "DIV2K/sub/deep.png", tmp_path / "DIV2K"]):
+        files, _ = list_images(order)
+        assert sorted(f.key for f in files) == sorted([*names, "sub/deep.png"])
+
+
+def test_list_images_collisions_prefixed_by_folder_or_refused(tmp_path):
+    from tfgan_ct.convert import ConvertError
+    from tfgan_ct.images import list_images
+
+    make_set(tmp_path / "a", 2)  # img00.png, img01.png
+    make_set(tmp_path / "b", 3)  # img00..02.png
+    for inputs in ([tmp_path / "a", tmp_path / "b"], [tmp_path / "b", tmp_path / "a"]):
+        files, _ = list_images(inputs)
+        assert sorted(f.key for f in files) == ["a/img00.png", "a/img01.png", "b/img00.png",
+                                                "b/img01.png", "img02.png"]
+        assert all(Path(f.path).parent.name == f.key.split("/")[0] for f in files if "/" in f.key)
+    # the same file names under folders of the same name cannot be told apart
+    make_set(tmp_path / "x/data", 1)
+    make_set(tmp_path / "y/data", 1)
+    with pytest.raises(ConvertError, match=r"same key 'data/img00.png'.*x/data/img00.png.*y/data/img00.png"):
+        list_images([tmp_path / "y/data", tmp_path / "x/data"])
+    result = run(tmp_path / "x/data", tmp_path / "y/data", "--out", tmp_path / "o", "--workers", 1)
+    assert result.exit_code == 1 and "same key" in result.output and not (tmp_path / "o").exists()
+
+
+def test_split_csv_with_a_glob_of_files(tmp_path):
+    make_set(tmp_path / "in", 4)
+    csv = tmp_path / "split.csv"
+    csv.write_text("patient,split\nimg00.png,train\nimg01.png,test\nimg02.png,val\nimg03.png,test\n")
+    files = sorted((tmp_path / "in").glob("*.png"))
+    result = run(*files[::-1], "--out", tmp_path / "o", "--split-csv", csv, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    assert "not in the split CSV" not in result.output
+    manifest = json.loads((tmp_path / "o/manifest.json").read_text())
+    assert [manifest["counts"][s]["patients"] for s in ("train", "validation", "test")] == [1, 1, 2]
+    expected = {salted_hash("patient:" + n, SALT): s for n, s in
+                [("img00.png", "train"), ("img01.png", "test"), ("img02.png", "validation"),
+                 ("img03.png", "test")]}
+    assert {x["patient"]: x["split"] for x in manifest["series"]} == expected

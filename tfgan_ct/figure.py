@@ -73,7 +73,8 @@ def compare(slices: list[Slice], methods: list[inference.Method], count: int = 2
         count: how many slices when `indices` is not given (those with most brain).
         indices: positions in `slices` to show.
         roi: (y, x, size) in HR pixels for every slice; None picks it per slice.
-        panel: width and height of each panel in screen pixels.
+        panel: width and height of each panel in screen pixels; a non-square slice is
+            scaled to fit (aspect ratio kept) and padded with the background.
     """
     if not any(m.name == inference.BICUBIC for m in methods):
         methods = [inference.bicubic(), *methods]
@@ -105,14 +106,14 @@ def compare(slices: list[Slice], methods: list[inference.Method], count: int = 2
 
 def _slice_rows(item: Slice, methods, roi, panel: int, tile: int, tile_pad: int):
     outputs = [np.clip(inference.upscale_image(m, item.lr, tile, tile_pad), 0, 1) for m in methods]
-    size = roi[2] if roi else max(16, item.hr.shape[0] // 4)
+    size = roi[2] if roi else max(16, min(item.hr.shape) // 4)
     y, x = roi[:2] if roi else auto_roi(outputs, item.mask, size)
     if not (0 <= y and 0 <= x and y + size <= item.hr.shape[0] and x + size <= item.hr.shape[1]):
         raise ValueError(f"region {y},{x} size {size} lies outside the {item.hr.shape} slice")
     full_row, zoom_row, captions = [], [], []
     for image in [*outputs, item.hr]:
-        full_row.append(_boxed(_to_pil(image).resize((panel, panel), Image.LANCZOS),
-                               (y, x, size), image.shape, panel))
+        fitted, geometry = _fit(_to_pil(image), panel)
+        full_row.append(_boxed(fitted, (y, x, size), geometry, panel))
         zoom_row.append(_to_pil(image[y:y + size, x:x + size]).resize((panel, panel), Image.NEAREST)
                         .convert("RGB"))
     for image in outputs:
@@ -126,11 +127,29 @@ def _to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8), "L")
 
 
-def _boxed(image: Image.Image, roi, shape, panel: int) -> Image.Image:
+def _fit(image: Image.Image, panel: int) -> tuple[Image.Image, tuple[float, float, int, int]]:
+    """`image` scaled to fit a panel x panel square, aspect ratio kept, centred on BACKGROUND.
+
+    Returns the RGB panel and its geometry (scale y, scale x, offset y, offset x):
+    image pixel (y, x) lands at panel pixel (oy + y * fy, ox + x * fx).
+    """
+    width, height = image.size
+    scale = panel / max(height, width)
+    new_width = min(panel, max(1, round(width * scale)))
+    new_height = min(panel, max(1, round(height * scale)))
+    oy, ox = (panel - new_height) // 2, (panel - new_width) // 2
+    out = Image.new("RGB", (panel, panel), BACKGROUND)
+    out.paste(image.resize((new_width, new_height), Image.LANCZOS).convert("RGB"), (ox, oy))
+    return out, (new_height / height, new_width / width, oy, ox)
+
+
+def _boxed(image: Image.Image, roi, geometry, panel: int) -> Image.Image:
+    """`image` (a panel from `_fit`) with the HR region roi = (y, x, size) outlined."""
     image = image.convert("RGB")
     y, x, size = roi
-    f = panel / shape[0]
-    ImageDraw.Draw(image).rectangle([x * f, y * f, (x + size) * f - 1, (y + size) * f - 1],
+    fy, fx, oy, ox = geometry
+    ImageDraw.Draw(image).rectangle([ox + x * fx, oy + y * fy,
+                                     ox + (x + size) * fx - 1, oy + (y + size) * fy - 1],
                                     outline=BOX_COLOUR, width=max(2, panel // 160))
     return image
 

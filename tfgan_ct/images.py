@@ -28,7 +28,8 @@ ESRGAN's own data preparation); validation and test images are stored whole.
 Images smaller than one patch are skipped.
 
 Each image is its own "patient": split, patient and series fields hold salted
-hashes of the image's path relative to its input folder. No path or file name
+hashes of its key, the image's path relative to its input folder (a file
+input's name; see `list_images` for keys that collide across inputs). No path or file name
 goes into a shard or the manifest; `convert.log` names skipped files only.
 
 Runs like `tfgan_ct.convert.convert`: files are checked (header and PNG
@@ -79,7 +80,7 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class ImageFile:
-    """One candidate input: its absolute path and its key (path relative to its input folder)."""
+    """One candidate input: its path and its key (path relative to its input folder, see `list_images`)."""
 
     path: str
     key: str
@@ -189,30 +190,57 @@ def list_images(inputs: Iterable[str | Path]) -> tuple[list[ImageFile], int]:
     """Image files (by suffix, any case) under `inputs` (folders searched recursively, or files),
     and the number of other files in the folders (ignored).
 
-    Keys are POSIX paths relative to the input folder (a file's own name for a
-    file input); with several inputs they are prefixed by the input's number
-    ("1/..."), so that two folders with the same layout do not collide.
+    Keys are POSIX paths relative to the input folder, or a file's own name for
+    a file input, so a folder and a shell glob of its files (`DIR/*.png`) give
+    the same keys, whatever the order of the inputs. A file reached through
+    several inputs keeps its longest key (the one relative to the outermost
+    folder). Only when different files get the same key are those keys prefixed
+    by the name of their input folder (a file input's parent folder); if that
+    is still ambiguous, ConvertError names both files.
     """
     inputs = [Path(i) for i in inputs]
-    seen: set[Path] = set()
-    files, others = [], 0
-    for number, item in enumerate(inputs):
+    for item in inputs:
+        if not item.exists():
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    keys: dict[Path, tuple[str, str, str]] = {}  # resolved file -> (key, root name, path as given)
+    others: set[Path] = set()
+    for item in inputs:
         if item.is_dir():
             candidates = sorted(p for p in item.rglob("*") if p.is_file())
-            others += sum(p.suffix.lower() not in SUFFIXES for p in candidates)
+            others.update(p.resolve() for p in candidates if p.suffix.lower() not in SUFFIXES)
             candidates = [p for p in candidates if p.suffix.lower() in SUFFIXES]
             root = item
-        elif item.exists():
-            candidates, root = [item], item.parent
         else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
+            candidates, root = [item], item.parent
+        root_name = root.resolve().name or root.resolve().as_posix()
         for path in candidates:
-            if path.resolve() in seen:
-                continue
-            seen.add(path.resolve())
             key = path.relative_to(root).as_posix()
-            files.append(ImageFile(str(path), f"{number}/{key}" if len(inputs) > 1 else key))
-    return files, others
+            entry = (key, root_name, str(path))
+            resolved = path.resolve()
+            if resolved not in keys or _preferred(entry, keys[resolved]):
+                keys[resolved] = entry
+    by_key: dict[str, list[Path]] = {}
+    for resolved, (key, _, _) in keys.items():
+        by_key.setdefault(key, []).append(resolved)
+    final: dict[Path, str] = {}
+    for key, group in by_key.items():
+        for resolved in group:
+            final[resolved] = key if len(group) == 1 else f"{keys[resolved][1]}/{key}"
+    owner: dict[str, Path] = {}
+    for resolved in sorted(final, key=lambda r: (final[r], keys[r][2])):
+        key = final[resolved]
+        if key in owner:
+            raise ConvertError(f"two input files get the same key {key!r}: {keys[owner[key]][2]} and "
+                               f"{keys[resolved][2]}; give their folders different names or pass a "
+                               "common parent folder")
+        owner[key] = resolved
+    files = [ImageFile(keys[r][2], final[r]) for r in sorted(final, key=lambda r: final[r])]
+    return files, len(others)
+
+
+def _preferred(new: tuple[str, str, str], old: tuple[str, str, str]) -> bool:
+    """Whether `new` is the better (key, root name, path) for a file reached twice: longest key."""
+    return (new[0].count("/"), new[0], new[2]) > (old[0].count("/"), old[0], old[2])
 
 
 def inspect(file: ImageFile) -> tuple[ImageFile, tuple[int, int], str] | Skipped:
