@@ -1,6 +1,8 @@
 """`tfgan-ct upscale`: DICOM series in, derived x4 DICOM series (or PNG / npy) out."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pydicom
 import pytest
@@ -149,3 +151,120 @@ def test_upscale_through_a_serving_endpoint_matches_the_local_model(phantom_dir,
                                np.load(next((tmp_path / "local").glob("*/sr_hu.npy"))), atol=1e-3)
     down = runner.invoke(main, [*common, "--server", url, "--out", str(tmp_path / "down")])
     assert down.exit_code != 0 and url in down.output and "Traceback" not in down.output
+
+
+def _copy(src, dst, **changes):
+    """A copy of real DICOM file `src` at `dst`, with header `changes` (keyword=value)."""
+    ds = pydicom.dcmread(src)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst)
+    return dst
+
+
+def test_output_folders_belong_to_their_source_series(shared_data, cfg, tmp_path):
+    """Two studies into one --out in two runs: two folders, whatever the run order and --overwrite."""
+    src = shared_data / "dicom" / "head-ncct" / "pydicom-data_693_UNCR.dcm"
+    a = _copy(src, tmp_path / "a" / "im.dcm")
+    b = _copy(src, tmp_path / "b" / "im.dcm", PatientID="OTHER", StudyInstanceUID=pydicom.uid.generate_uid(),
+              SeriesInstanceUID=pydicom.uid.generate_uid(), SOPInstanceUID=pydicom.uid.generate_uid())
+    out = tmp_path / "out"
+    first = upscale.upscale([a.parent], out, inference.bicubic(), cfg, window=WIDE, progress=False)
+    second = upscale.upscale([b.parent], out, inference.bicubic(), cfg, window=WIDE, progress=False)
+    assert first.series[0] != second.series[0] and first.series[0].parent == second.series[0].parent == out
+    upscale.upscale([b.parent], out, inference.bicubic(), cfg, window=WIDE, overwrite=True, progress=False)
+    folders = sorted(p for p in out.iterdir())
+    assert folders == sorted([first.series[0], second.series[0]])
+    for folder, source in ((first.series[0], a), (second.series[0], b)):
+        uid = pydicom.dcmread(source).SeriesInstanceUID
+        assert uid not in folder.name and folder.name.endswith("_x4")
+        derived = pydicom.dcmread(next(folder.glob("*.dcm")))
+        assert derived.PatientID == pydicom.dcmread(source).PatientID
+    # The same names from another run order: they depend on the source series, not on the run.
+    again = upscale.upscale([b.parent, a.parent], tmp_path / "out2", inference.bicubic(), cfg, window=WIDE,
+                            progress=False)
+    assert sorted(p.name for p in again.series) == [p.name for p in folders]
+
+
+def test_rerun_without_overwrite_says_the_output_exists(shared_data, cfg, tmp_path):
+    source = shared_data / "dicom" / "chest-series" / "dcmqi_ct-3slice_01.dcm"
+    upscale.upscale([source], tmp_path, inference.bicubic(), cfg, fmt="png", progress=False)
+    with pytest.raises(upscale.UpscaleError, match="already exists.*--overwrite") as info:
+        upscale.upscale([source], tmp_path, inference.bicubic(), cfg, fmt="png", progress=False)
+    assert "no series could be upscaled" not in str(info.value)
+
+
+def test_single_valued_image_type(shared_data, cfg, tmp_path):
+    src = _copy(shared_data / "dicom" / "head-ncct" / "pydicom-data_693_UNCR.dcm", tmp_path / "in" / "im.dcm",
+                ImageType="ORIGINAL")
+    assert pydicom.dcmread(src).ImageType == "ORIGINAL"
+    upscale.upscale([src], tmp_path / "out", inference.bicubic(), cfg, window=WIDE, progress=False)
+    out = pydicom.dcmread(dicoms(tmp_path / "out")[0])
+    assert list(out.ImageType) == ["DERIVED", "SECONDARY"]
+
+
+def test_npy_sidecar_names_each_slice_and_the_ones_left_out(shared_data, cfg, tmp_path):
+    series = sorted((shared_data / "dicom" / "chest-series").glob("*.dcm"))
+    folder = tmp_path / "in"
+    copies = [_copy(p, folder / p.name) for p in series]
+    data = copies[1].read_bytes()
+    copies[1].write_bytes(data[: len(data) // 2])  # pixel data cut: this slice cannot be read
+    summary = upscale.upscale([folder], tmp_path / "out", inference.bicubic(), cfg, fmt="npy", window=WIDE,
+                              progress=False)
+    assert [s.path.split("/")[-1] for s in summary.skipped] == [copies[1].name]
+    array = np.load(summary.series[0] / "sr_hu.npy")
+    sidecar = json.loads((summary.series[0] / "slices.json").read_text())
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in series]
+    assert array.shape == (2, 2048, 2048) and sidecar["shape"] == list(array.shape)
+    by_instance = {int(h.InstanceNumber): h for h in headers}
+    assert [s["index"] for s in sidecar["slices"]] == [0, 1]
+    for entry in sidecar["slices"]:
+        header = by_instance[entry["instance_number"]]
+        assert entry["position_mm"] == pytest.approx(float(header.ImagePositionPatient[2]), abs=1e-3)
+        hu = dicom_io.read_hu(str(folder / series[headers.index(header)].name), [0], cfg.convert.out_of_field_hu)[0]
+        np.testing.assert_allclose(array[entry["index"]], resize.upscale(hu, 4), atol=1e-2)
+    [left] = sidecar["left_out"]
+    assert left["file"] == copies[1].name and left["instance_number"] == int(headers[1].InstanceNumber)
+    assert left["source_index"] not in [s["source_index"] for s in sidecar["slices"]] and left["reason"]
+
+
+def test_npy_of_a_series_with_two_image_sizes_is_refused_clearly(shared_data, cfg, tmp_path):
+    series = sorted((shared_data / "dicom" / "chest-series").glob("*.dcm"))
+    folder = tmp_path / "in"
+    for p in series[:2]:
+        _copy(p, folder / p.name)
+    small = pydicom.dcmread(series[2])
+    small.PixelData = np.ascontiguousarray(small.pixel_array[::2, ::2]).tobytes()
+    small.Rows, small.Columns = 256, 256
+    small.save_as(folder / series[2].name)
+    with pytest.raises(upscale.UpscaleError, match="different sizes") as info:
+        upscale.upscale([folder], tmp_path / "out", inference.bicubic(), cfg, fmt="npy", progress=False)
+    assert "256x256: 1" in str(info.value) and "512x512: 2" in str(info.value)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_legacy_acr_nema_geometry_and_uids(shared_data, cfg, tmp_path):
+    legacy = shared_data / "dicom" / "legacy" / "DICOMSamples_CT_Implicit_Little_Headless_Retired.dcm"
+    src = dicom_io.read_dataset(legacy, pixels=False)
+    assert "StudyInstanceUID" not in src and "ImagePositionPatient" not in src and "ImagePosition" in src
+    for name in ("one", "two"):  # two series (folders) of one source patient and study
+        (tmp_path / name).mkdir()
+        (tmp_path / name / legacy.name).write_bytes(legacy.read_bytes())
+    summary = upscale.upscale([tmp_path / "one", tmp_path / "two"], tmp_path / "out", inference.bicubic(), cfg,
+                              window=WIDE, progress=False)
+    assert len(summary.series) == 2 and not summary.skipped
+    outs = [pydicom.dcmread(p) for p in dicoms(tmp_path / "out")]
+    assert len(outs) == 2
+    assert outs[0].StudyInstanceUID == outs[1].StudyInstanceUID and outs[0].StudyInstanceUID
+    assert outs[0].SeriesInstanceUID != outs[1].SeriesInstanceUID
+    spacing = float(src.PixelSpacing[0])
+    expected = np.array(src.ImagePosition, float) - 0.375 * spacing * np.array([1, 1, 0])
+    for out in outs:
+        assert out.FrameOfReferenceUID
+        for keyword in ("ImagePosition", "ImageOrientation", "ImageLocation", "Location"):
+            assert keyword not in out
+        assert [float(v) for v in out.ImageOrientationPatient] == [float(v) for v in src.ImageOrientation]
+        np.testing.assert_allclose(np.array(out.ImagePositionPatient, float), expected, atol=1e-3)
+        assert float(out.PixelSpacing[0]) == pytest.approx(spacing / 4)
+        assert not any(elem.tag.element == 0 for elem in out)  # no stale ACR-NEMA group lengths

@@ -20,12 +20,28 @@ model's (`--outside-window bicubic`, the default); `--outside-window clip`
 keeps the model's output everywhere, clipped to the window.
 
 `--format png` writes windowed 8-bit PNGs and `--format npy` one float32 HU
-array [slices, 4h, 4w] per series, for quick looks. Every series is written
-in a hidden staging folder and renamed when complete.
+array [slices, 4h, 4w] per series, for quick looks, with `slices.json` naming
+the source image of each array index and the images left out. Every series
+is written in a hidden staging folder and renamed when complete.
+
+Each series' folder is named after its source series, never with an
+identifier in clear: `<SeriesNumber>_<description>_<hash>_x4`, the hash being
+the first 8 hex digits of SHA-256 of the source SeriesInstanceUID (or of the
+grouping key when there is none). A rerun of the same source finds its own
+folder (replaced only with `--overwrite`); another source never does.
+
+Sources without a StudyInstanceUID (old ACR-NEMA files) get one generated per
+source patient and study, shared by all their series in the run, and a
+FrameOfReferenceUID per series when they have none. The retired ACR-NEMA
+geometry (ImagePosition, ImageOrientation) is converted to
+ImagePositionPatient / ImageOrientationPatient and shifted like them; the
+retired tags are not written.
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import logging
 import re
 from collections import defaultdict
@@ -40,7 +56,7 @@ from tqdm import tqdm
 
 from tfgan_ct import dicom_io, inference, resize
 from tfgan_ct.config import Config, Window
-from tfgan_ct.fileio import atomic_write_bytes, staged_directory
+from tfgan_ct.fileio import atomic_write_bytes, atomic_write_text, staged_directory
 from tfgan_ct.version import __version__
 
 log = logging.getLogger(__name__)
@@ -50,6 +66,8 @@ CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _DROP = ("PixelPaddingValue", "PixelPaddingRangeLimit", "SmallestImagePixelValue", "LargestImagePixelValue",
          "IconImageSequence", "VOILUTSequence", "ModalityLUTSequence", "WindowCenterWidthExplanation",
          "PixelData")
+# Retired ACR-NEMA geometry: converted to the modern tags (or dropped), never copied as is.
+_RETIRED_GEOMETRY = ("ImagePosition", "ImageOrientation", "Location", "ImageLocation")
 
 
 class UpscaleError(RuntimeError):
@@ -63,6 +81,8 @@ class Summary:
     series: list[Path] = field(default_factory=list)
     images: int = 0
     skipped: list[dicom_io.Skipped] = field(default_factory=list)
+    existing: list[Path] = field(default_factory=list)  # series left out: output exists, no --overwrite
+    failed: list[str] = field(default_factory=list)     # series left out for another reason (one line each)
 
 
 def model_window(method: inference.Method, cfg: Config, override: Window | None = None) -> Window:
@@ -115,15 +135,30 @@ def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt:
     out.mkdir(parents=True, exist_ok=True)
     total = sum(len(f) for f in series.values())
     bar = tqdm(total=total, desc="upscaling", unit="slice", disable=not progress)
-    for number, frames in enumerate(series.values(), start=1):
-        folder = _write_series(frames, out, number, method, cfg, fmt, window, outside, tile, tile_pad,
-                               overwrite, summary, bar)
+    names = _folder_names(series)
+    study_uids: dict[tuple, str] = {}
+    for key, frames in series.items():
+        folder = _write_series(frames, out / names[key], method, cfg, fmt, window, outside, tile, tile_pad,
+                               overwrite, summary, bar, study_uids)
         if folder is not None:
             summary.series.append(folder)
     bar.close()
     if not summary.series:
-        raise UpscaleError(f"no series could be upscaled ({len(summary.skipped)} file(s) skipped)")
+        raise UpscaleError(_nothing_written(summary, out))
     return summary
+
+
+def _nothing_written(summary: Summary, out: Path) -> str:
+    """Why no series was written, for the final error."""
+    if summary.existing and not summary.failed:
+        names = ", ".join(p.name for p in summary.existing[:5]) + (" ..." if len(summary.existing) > 5 else "")
+        return (f"nothing written: the output of every series already exists in {out} ({names}); "
+                f"use --overwrite to replace it")
+    parts = [f"{len(summary.skipped)} file(s) skipped"]
+    if summary.existing:
+        parts.append(f"{len(summary.existing)} series already in {out} (use --overwrite to replace them)")
+    message = f"no series could be upscaled ({'; '.join(parts)})"
+    return message + "".join(f"\n  {line}" for line in summary.failed)
 
 
 def _find_series(inputs, summary: Summary) -> dict[tuple[str, str], list[dicom_io.Frame]]:
@@ -153,30 +188,57 @@ def _skip(summary: Summary, path: str, reason: str) -> None:
     summary.skipped.append(dicom_io.Skipped(path, reason))
 
 
-def _write_series(frames, out: Path, number: int, method, cfg: Config, fmt: str, window: Window,
-                  outside: str, tile: int, tile_pad: int, overwrite: bool, summary: Summary, bar):
-    """Write one series in a staging folder and rename it; None if nothing in it could be written."""
-    header = dicom_io.read_dataset(frames[0].path, pixels=False)
-    final = out / _folder_name(header, number)
+def _write_series(frames, final: Path, method, cfg: Config, fmt: str, window: Window, outside: str,
+                  tile: int, tile_pad: int, overwrite: bool, summary: Summary, bar, study_uids: dict):
+    """Write one series in a staging folder and rename it to `final`; None if nothing could be written.
+
+    `study_uids` maps a source study with no StudyInstanceUID to the one generated for it in this run.
+    """
     if final.exists() and not overwrite:
         log.error("%s already exists (use --overwrite to replace it); series left out", final)
+        summary.existing.append(final)
         bar.update(len(frames))
         return None
+    header = dicom_io.read_dataset(frames[0].path, pixels=False)
+    uids = _Uids(series=generate_uid(), frame_of_reference=generate_uid(),
+                 study=study_uids.setdefault(_study_key(frames[0], header), generate_uid()))
     try:
-        written = _fill_series(frames, final, method, cfg, fmt, window, outside, tile, tile_pad, summary, bar)
-    except _Empty:
-        log.error("%s: no image of this series could be upscaled; series left out", final.name)
+        written = _fill_series(frames, final, method, cfg, fmt, window, outside, tile, tile_pad, summary, bar,
+                               uids)
+    except _SeriesFailed as exc:
+        reason = exc.args[0]
+        log.error("%s: %s; series left out", final.name, reason)
+        summary.failed.append(f"{final.name}: {reason}")
         return None
     summary.images += written
     log.info("%s: %d image(s)", final, written)
     return final
 
 
+@dataclass
+class _Uids:
+    """UIDs of one derived series: its own, and those used when the source has none."""
+
+    series: str
+    frame_of_reference: str
+    study: str
+    notes: set[str] = field(default_factory=set)  # geometry warnings, logged once per series
+
+
+def _study_key(frame: dicom_io.Frame, header: pydicom.Dataset) -> tuple:
+    """The source study of a series: its StudyInstanceUID, else patient + study ID, date and time."""
+    uid = str(header.get("StudyInstanceUID", "") or "")
+    if uid:
+        return ("uid", uid)
+    return ("patient", frame.patient, *(str(header.get(k, "") or "") for k in ("StudyID", "StudyDate", "StudyTime")))
+
+
 def _fill_series(frames, final: Path, method, cfg: Config, fmt: str, window: Window, outside: str,
-                 tile: int, tile_pad: int, summary: Summary, bar) -> int:
+                 tile: int, tile_pad: int, summary: Summary, bar, uids: _Uids) -> int:
     """Write the series' images into a staging folder that becomes `final`; the count written."""
-    series_uid = generate_uid()
-    stack, written = [], 0
+    if fmt == "npy":
+        _check_one_size(frames)
+    stack, slices, left_out, written = [], [], [], 0
     with staged_directory(final, overwrite=True) as stage:
         for index, frame in enumerate(frames, start=1):
             bar.update()
@@ -185,28 +247,63 @@ def _fill_series(frames, final: Path, method, cfg: Config, fmt: str, window: Win
             except _Unreadable as exc:
                 for failed, reason in exc.args[0]:
                     _skip(summary, failed, reason)
+                left_out.append(_slice_record(index, frame, reason=exc.args[0][0][1]))
                 continue
             sr_hu = super_resolve_hu(method, hu, window, outside, tile, tile_pad)
             if fmt == "dicom":
                 try:
-                    _write_dicom(path, sr_hu, stage / f"IM{index:05d}.dcm", series_uid, method, window)
+                    _write_dicom(path, sr_hu, stage / f"IM{index:05d}.dcm", uids, method, window)
                 except ValueError as exc:
                     _skip(summary, frame.path, str(exc))
                     continue
             elif fmt == "png":
                 atomic_write_bytes(stage / f"IM{index:05d}.png", _png(sr_hu, window))
             else:
+                if stack and sr_hu.shape != stack[0].shape:
+                    raise _SeriesFailed(_sizes_message([*(a.shape for a in stack), sr_hu.shape], scaled=True))
+                slices.append({"index": len(stack), **_slice_record(index, frame)})
                 stack.append(sr_hu)
             written += 1
-        if fmt == "npy" and stack:
-            _save_npy(stage / "sr_hu.npy", np.stack(stack))
+        for note in sorted(uids.notes):
+            log.warning("%s: %s", final.name, note)
         if not written:
-            raise _Empty()
+            raise _SeriesFailed("no image of this series could be upscaled")
+        if fmt == "npy":
+            _save_npy(stage / "sr_hu.npy", np.stack(stack))
+            atomic_write_text(stage / "slices.json", json.dumps(
+                {"array": "sr_hu.npy", "shape": [len(stack), *stack[0].shape], "slices": slices,
+                 "left_out": left_out}, indent=1) + "\n")
     return written
 
 
-class _Empty(Exception):
-    """Raised inside the staging block to discard a series with no image written."""
+def _slice_record(index: int, frame: dicom_io.Frame, reason: str | None = None) -> dict:
+    """Where an npy slice came from: its place in the sorted source series, InstanceNumber, position."""
+    record = {"source_index": index, "instance_number": frame.instance,
+              "position_mm": None if frame.position is None else round(frame.position, 4)}
+    if reason is not None:
+        record.update(file=Path(frame.path).name, frame=frame.frame, reason=reason)
+    return record
+
+
+def _check_one_size(frames) -> None:
+    """--format npy stacks the series: every image must have the same size."""
+    sizes = [(f.rows, f.columns) for f in frames]
+    if len(set(sizes)) > 1:
+        raise _SeriesFailed(_sizes_message(sizes, scaled=False))
+
+
+def _sizes_message(shapes, scaled: bool) -> str:
+    counts: dict[tuple, int] = defaultdict(int)
+    for shape in shapes:
+        counts[tuple(shape)] += 1
+    listed = ", ".join(f"{r}x{c}: {n}" for (r, c), n in sorted(counts.items()))
+    what = "upscaled images" if scaled else "images"
+    return (f"{what} of different sizes ({listed} image(s)); --format npy stacks one series into one "
+            f"array and needs a single size: use --format dicom or png for this series")
+
+
+class _SeriesFailed(Exception):
+    """Raised inside the staging block to discard a series; args[0] says why."""
 
 
 def _read_frame(frame: dicom_io.Frame, cfg: Config) -> tuple[np.ndarray, str]:
@@ -224,13 +321,34 @@ class _Unreadable(Exception):
     """No copy of a frame could be decoded; args[0] lists (path, reason) per copy."""
 
 
-def _folder_name(header: pydicom.Dataset, number: int) -> str:
+def _folder_names(series: dict[tuple[str, str], list[dicom_io.Frame]]) -> dict[tuple[str, str], str]:
+    """Output folder of each series, derived from its source series only (stable across runs)."""
+    names: dict[tuple[str, str], str] = {}
+    for key, frames in series.items():
+        header = dicom_io.read_dataset(frames[0].path, pixels=False)
+        name = _folder_name(header, key)
+        if name in names.values():  # the same SeriesInstanceUID under two patients: tell them apart
+            name = _folder_name(header, key, by_key=True)
+        names[key] = name
+    return names
+
+
+def _folder_name(header: pydicom.Dataset, key: tuple[str, str], by_key: bool = False) -> str:
+    """`<SeriesNumber>_<description>_<hash>_x4`; the hash is of the source SeriesInstanceUID, or of the
+    grouping key when there is none (or `by_key`). No identifier appears in clear."""
     description = str(header.get("SeriesDescription", "") or "series")
     slug = re.sub(r"[^A-Za-z0-9]+", "_", description).strip("_")[:40] or "series"
-    return f"{number:03d}_{slug}_x4"
+    uid = str(header.get("SeriesInstanceUID", "") or "").strip()
+    source = "\0".join(key) if by_key or not uid else uid
+    digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    try:
+        number = f"{int(float(str(header.get('SeriesNumber', '')).strip())):03d}_"
+    except (TypeError, ValueError):
+        number = ""  # no series number: the hash alone keeps the name unique
+    return f"{number}{slug}_{digest}_x4"
 
 
-def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, series_uid: str,
+def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, uids: _Uids,
                  method: inference.Method, window: Window) -> None:
     """One derived single-frame CT image at `path` (atomically), its header from file `source`."""
     ds = dicom_io.read_dataset(source, pixels=False)
@@ -243,12 +361,17 @@ def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, series_uid: str,
         if keyword in ds:
             delattr(ds, keyword)
     ds.remove_private_tags()
+    for elem in [e for e in ds if e.tag.element == 0]:  # group lengths (ACR-NEMA): stale once edited
+        del ds[elem.tag]
     ds.SOPClassUID = source_sop[0]
     ds.SOPInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = series_uid
+    ds.SeriesInstanceUID = uids.series
+    if not str(ds.get("StudyInstanceUID", "") or "").strip():
+        ds.StudyInstanceUID = uids.study
+    if not str(ds.get("FrameOfReferenceUID", "") or "").strip():
+        ds.FrameOfReferenceUID = uids.frame_of_reference
     ds.SeriesNumber = int(ds.get("SeriesNumber", 0) or 0) + 1000
-    old_type = list(ds.get("ImageType", []) or [])
-    ds.ImageType = ["DERIVED", "SECONDARY", *old_type[2:]]
+    ds.ImageType = ["DERIVED", "SECONDARY", *_values(ds.get("ImageType"))[2:]]
     what = f"tfgan-ct x{scale} SR {method.description}"
     ds.SeriesDescription = f"{what} {ds.get('SeriesDescription', '') or ''}".strip()[:64]
     ds.DerivationDescription = (f"Super-resolved x{scale} by tfgan-ct {__version__}, model "
@@ -257,7 +380,9 @@ def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, series_uid: str,
         ref = pydicom.Dataset()
         ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source_sop
         ds.SourceImageSequence = [ref]
-    _set_geometry(ds, scale)
+    note = _set_geometry(ds, scale)
+    if note:
+        uids.notes.add(note)
     now = datetime.datetime.now()
     ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S")
@@ -286,20 +411,61 @@ def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, series_uid: str,
         raise ValueError(f"cannot write the derived image ({type(exc).__name__}: {exc})") from None
 
 
-def _set_geometry(ds: pydicom.Dataset, scale: int) -> None:
-    """PixelSpacing / scale, and ImagePositionPatient moved to the new first pixel's centre."""
-    spacing = ds.get("PixelSpacing")
+def _values(value) -> list[str]:
+    """A DICOM value as a list: a single-valued element is a str (or number), not a sequence of letters."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes, int, float)):
+        return [value]
+    return list(value)
+
+
+def _numbers(value, count: int) -> list[float] | None:
+    """`count` numbers from a multi-valued element, else None."""
+    values = _values(value)
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(np.isfinite(numbers)) else None
+
+
+def _set_geometry(ds: pydicom.Dataset, scale: int) -> str | None:
+    """PixelSpacing / scale, and ImagePositionPatient moved to the new first pixel's centre.
+
+    The retired ACR-NEMA ImagePosition / ImageOrientation stand in for missing
+    ImagePositionPatient / ImageOrientationPatient and are never written back.
+    Returns a warning for the log when the geometry written is less than the source suggested.
+    """
+    note = None
+    retired = [k for k in _RETIRED_GEOMETRY if k in ds]
+    if retired:
+        position = _numbers(ds.get("ImagePosition"), 3)
+        orientation = _numbers(ds.get("ImageOrientation"), 6)
+        if "ImagePositionPatient" not in ds and "ImageOrientationPatient" not in ds:
+            if position and orientation:
+                ds.ImagePositionPatient = [f"{v:.6g}" for v in position]
+                ds.ImageOrientationPatient = [f"{v:.6g}" for v in orientation]
+                note = ("only the retired ACR-NEMA ImagePosition/ImageOrientation in the source; "
+                        "converted to ImagePositionPatient/ImageOrientationPatient")
+            else:
+                note = "the source has no usable geometry (no ImagePositionPatient/ImageOrientationPatient)"
+        for keyword in retired:
+            delattr(ds, keyword)
+    spacing = _numbers(ds.get("PixelSpacing"), 2)
     if not spacing:
-        return
-    row_mm, col_mm = float(spacing[0]), float(spacing[1])
+        return note
+    row_mm, col_mm = spacing
     ds.PixelSpacing = [f"{row_mm / scale:.6g}", f"{col_mm / scale:.6g}"]
-    position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
-    if position and orientation and len(position) == 3 and len(orientation) == 6:
+    position = _numbers(ds.get("ImagePositionPatient"), 3)
+    orientation = _numbers(ds.get("ImageOrientationPatient"), 6)
+    if position and orientation:
         along_row, along_col = np.array(orientation[:3], float), np.array(orientation[3:], float)
         # Old pixel centres sit at integer indices; new pixel i covers old (i + 0.5) / scale - 0.5.
         shift = 0.5 / scale - 0.5
         new = np.array(position, float) + shift * (col_mm * along_row + row_mm * along_col)
         ds.ImagePositionPatient = [f"{v:.6g}" for v in new]
+    return note
 
 
 def _png(sr_hu: np.ndarray, window: Window) -> bytes:
