@@ -121,3 +121,16 @@ def test_only_modality_asks_to_choose(tmp_path):
     manifest["shards"]["test"] = [shard("cta")]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert evaluate.only_modality(tmp_path) == "cta"
+
+
+def test_natural_model_on_ct_is_not_refused_for_its_window():
+    """A natural-image model applied to CT as it is (a baseline) has no CT window to match."""
+    from tfgan_ct.config import Window
+    from tfgan_ct.evaluate import EvaluationError, check_windows
+    from tfgan_ct.inference import Method
+
+    natural = Method("natural", None, 4, {"stage": "natural", "window": {"center": 500.0, "width": 1000.0}})
+    check_windows([natural], Window(40, 80), "ncct")
+    ncct = Method("ncct", None, 4, {"stage": "ncct", "window": {"center": 40.0, "width": 80.0}})
+    with pytest.raises(EvaluationError, match="trained on the HU window"):
+        check_windows([ncct], Window(40, 100), "ncct")

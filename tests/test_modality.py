@@ -59,6 +59,8 @@ def test_copies_of_one_slice_are_not_ctp(tmp_path, shared_data, retired_position
     assert all((f.position is None) != retired_position for f in frames)
     kind, reason = modality.classify(frames, ModalityRules())
     assert kind == "ncct", reason
+    if retired_position:  # repeated at one position without distinct times: the reason says how to force CTP
+        assert "without distinct acquisition times" in reason and "--modality ctp" in reason
 
 
 def test_unknown_positions_are_ordered_by_instance_number(tmp_path, shared_data, small_cfg):

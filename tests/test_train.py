@@ -139,6 +139,11 @@ def test_train_export_and_plain_tensorflow_reload(converted, tiny_config, tmp_pa
         done = train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / models, runs_dir=tmp_path / "runs")
         assert done.export_dir == tmp_path / models / "ncct/1"
     assert export.versions(tmp_path / "models/ncct") == [1]
+    # Without its final checkpoint a finished run cannot be exported elsewhere: it says so, no retraining.
+    for checkpoint in (result.run_dir / "checkpoints").glob("ckpt-8.*"):
+        checkpoint.unlink()
+    with pytest.raises(TrainingError, match="use --restart"):
+        train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "third", runs_dir=tmp_path / "runs")
 
 
 def test_warm_start_reproduces_parent_and_refuses_mismatch(converted, tiny_config, tmp_path):

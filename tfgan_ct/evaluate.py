@@ -107,6 +107,8 @@ def check_windows(methods: list[inference.Method], window: Window, modality: str
     """
     for method in methods:
         trained = method.metadata.get("window")
+        if method.metadata.get("stage") == "natural" and modality != "natural":
+            continue  # a natural-image model applied to CT as it is (a baseline): no CT window to match
         if not trained and method.metadata.get("server"):
             log.warning("%s: the served model's HU window is not known here; scoring assumes it is the "
                         "config's %s window (center %g, width %g)", method.name, modality, window.center,

@@ -39,7 +39,20 @@ def classify(frames: list[Frame], rules: ModalityRules) -> tuple[str, str]:
     if keyword or contrast:
         return "ncct", (f"contrast/angio hint but slices {thickness if thickness is not None else '?'}"
                         f" mm thick (CTA needs <= {rules.cta_max_slice_thickness_mm:g} mm)")
+    images = _images_per_position(frames)
+    if max(images.values(), default=0) >= rules.ctp_min_timepoints:
+        return "ncct", (f"{max(images.values())} images at one table position but without distinct "
+                        f"acquisition times (anonymised?): not taken as CTP; use --modality ctp if it is")
     return "ncct", "no repeated positions, no contrast or angiography hints"
+
+
+def _images_per_position(frames: list[Frame]) -> dict[float, int]:
+    """Number of images at each known table position (0.1 mm)."""
+    counts: dict[float, int] = defaultdict(int)
+    for f in frames:
+        if f.position is not None:
+            counts[round(f.position, 1)] += 1
+    return counts
 
 
 def _times_per_position(frames: list[Frame]) -> dict[float, int]:

@@ -129,6 +129,10 @@ def train_stage(stage: str, data_dir: str | Path, cfg: Config, warm_start: str =
             return TrainResult(run_dir, here[-1], info["steps"], info["steps"])
         # Finished, but its export is gone or lives in another models folder:
         # export the final checkpoint again (resuming at the last step trains nothing).
+        final = run_dir / "checkpoints" / f"ckpt-{info['steps']}.index"
+        if not final.is_file():
+            raise TrainingError(f"run {run_dir} finished, but its export is not in {models_dir} and its final "
+                                f"checkpoint ({final.with_suffix('')}) is gone: use --restart to train it again")
         log.info("run %s already finished; exporting its final checkpoint to %s", run_dir, models_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
@@ -192,7 +196,9 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
         # Each phase reads its own seeded stream from its first step on; a run
         # resumed inside a phase skips what the steps before the checkpoint read,
         # so it sees exactly the batches an uninterrupted run would have seen.
-        skip = (start - begin) * per_step
+        # max(0, ...): under mixed_float16 the loss scaling skips (and does not count)
+        # updates whose gradients overflow, so a phase can end a few steps short.
+        skip = max(0, start - begin) * per_step
         if skip:
             log.info("input: skipping the %d patches that steps %d-%d read, to continue the stream "
                      "where the checkpoint left it", skip, begin + 1, start)
@@ -221,7 +227,7 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
     log.info("exported %s", out)
     done = run_dir / "exported.json"
     earlier = _exports(json.loads(done.read_text())) if done.is_file() else []
-    atomic_write_text(done, json.dumps({"exports": [*earlier, str(out)], "steps": steps}) + "\n")
+    atomic_write_text(done, json.dumps({"exports": [*earlier, str(out.resolve())], "steps": steps}) + "\n")
     return TrainResult(run_dir, out, steps, resumed)
 
 

@@ -26,8 +26,8 @@ is written in a hidden staging folder and renamed when complete.
 
 Each series' folder is named after its source series, never with an
 identifier in clear: `<SeriesNumber>_<description>_<hash>_x4`, the hash being
-the first 8 hex digits of SHA-256 of the source SeriesInstanceUID (or of the
-grouping key when there is none). A rerun of the same source finds its own
+the first 8 hex digits of SHA-256 of the source series' grouping key
+(patient and SeriesInstanceUID). A rerun of the same source finds its own
 folder (replaced only with `--overwrite`); another source never does.
 
 Sources without a StudyInstanceUID (old ACR-NEMA files) get one generated per
@@ -323,24 +323,17 @@ class _Unreadable(Exception):
 
 def _folder_names(series: dict[tuple[str, str], list[dicom_io.Frame]]) -> dict[tuple[str, str], str]:
     """Output folder of each series, derived from its source series only (stable across runs)."""
-    names: dict[tuple[str, str], str] = {}
-    for key, frames in series.items():
-        header = dicom_io.read_dataset(frames[0].path, pixels=False)
-        name = _folder_name(header, key)
-        if name in names.values():  # the same SeriesInstanceUID under two patients: tell them apart
-            name = _folder_name(header, key, by_key=True)
-        names[key] = name
-    return names
+    return {key: _folder_name(dicom_io.read_dataset(frames[0].path, pixels=False), key)
+            for key, frames in series.items()}
 
 
-def _folder_name(header: pydicom.Dataset, key: tuple[str, str], by_key: bool = False) -> str:
-    """`<SeriesNumber>_<description>_<hash>_x4`; the hash is of the source SeriesInstanceUID, or of the
-    grouping key when there is none (or `by_key`). No identifier appears in clear."""
+def _folder_name(header: pydicom.Dataset, key: tuple[str, str]) -> str:
+    """`<SeriesNumber>_<description>_<hash>_x4`; the hash is of the source series' grouping key
+    (patient and SeriesInstanceUID), so the same UID under two patients gets two folders, whichever
+    of them a run holds. No identifier appears in clear."""
     description = str(header.get("SeriesDescription", "") or "series")
     slug = re.sub(r"[^A-Za-z0-9]+", "_", description).strip("_")[:40] or "series"
-    uid = str(header.get("SeriesInstanceUID", "") or "").strip()
-    source = "\0".join(key) if by_key or not uid else uid
-    digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    digest = hashlib.sha256("\0".join(key).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     try:
         number = f"{int(float(str(header.get('SeriesNumber', '')).strip())):03d}_"
     except (TypeError, ValueError):

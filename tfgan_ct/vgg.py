@@ -38,7 +38,7 @@ def check_weights_setting(weights: str) -> None:
     """Refuse a `model.vgg_weights` that is not 'imagenet', 'none' or an existing .h5 file."""
     if weights in ("imagenet", "none"):
         return
-    if not weights.endswith(".h5"):
+    if not weights.endswith((".h5", ".hdf5", ".keras")):
         raise FeatureExtractorError(f"model.vgg_weights={weights!r}: use 'imagenet', 'none' (tests only) or "
                                     f"the path of a VGG19 .weights.h5 / .h5 file")
     if not Path(weights).is_file():
