@@ -21,7 +21,8 @@ MODALITIES = ("ncct", "ctp", "cta")
 
 def classify(frames: list[Frame], rules: ModalityRules) -> tuple[str, str]:
     """(modality, reason) for the frames of one series."""
-    per_position = _times_per_position(frames)
+    times = _times_per_position(frames)
+    per_position = {position: len(set(t)) for position, t in times.items()}  # distinct times
     repeats = max(per_position.values(), default=0)
     if repeats >= rules.ctp_min_timepoints:
         return "ctp", (f"{repeats} acquisitions at the same table position "
@@ -39,26 +40,17 @@ def classify(frames: list[Frame], rules: ModalityRules) -> tuple[str, str]:
     if keyword or contrast:
         return "ncct", (f"contrast/angio hint but slices {thickness if thickness is not None else '?'}"
                         f" mm thick (CTA needs <= {rules.cta_max_slice_thickness_mm:g} mm)")
-    images = _images_per_position(frames)
-    if max(images.values(), default=0) >= rules.ctp_min_timepoints:
-        return "ncct", (f"{max(images.values())} images at one table position but without distinct "
+    images = max((len(t) for t in times.values()), default=0)
+    if images >= rules.ctp_min_timepoints:
+        return "ncct", (f"{images} images at one table position but without distinct "
                         f"acquisition times (anonymised?): not taken as CTP; use --modality ctp if it is")
     return "ncct", "no repeated positions, no contrast or angiography hints"
 
 
-def _images_per_position(frames: list[Frame]) -> dict[float, int]:
-    """Number of images at each known table position (0.1 mm)."""
-    counts: dict[float, int] = defaultdict(int)
+def _times_per_position(frames: list[Frame]) -> dict[float, list[float]]:
+    """Acquisition times of the images at each known table position (0.1 mm)."""
+    times: dict[float, list[float]] = defaultdict(list)
     for f in frames:
         if f.position is not None:
-            counts[round(f.position, 1)] += 1
-    return counts
-
-
-def _times_per_position(frames: list[Frame]) -> dict[float, int]:
-    """Number of different acquisition times at each known table position (0.1 mm)."""
-    times: dict[float, set[float]] = defaultdict(set)
-    for f in frames:
-        if f.position is not None:
-            times[round(f.position, 1)].add(round(f.time, 3))
-    return {position: len(t) for position, t in times.items()}
+            times[round(f.position, 1)].append(round(f.time, 3))
+    return times
