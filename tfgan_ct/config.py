@@ -5,7 +5,9 @@ them out). Every command saves the resolved configuration beside its output as
 `config.yaml`, so a result can always be traced back to its settings.
 
 Unknown or mistyped keys are errors that name the key, e.g.
-``convert.patch_sise: unknown key (did you mean 'patch_size'?)``.
+``convert.patch_sise: unknown key (did you mean 'patch_size'?)``, and every
+loaded setting is checked (`Config.validate`, rules in `tfgan_ct.config_checks`),
+e.g. ``modalities.ncct.window.width=0: must be a finite number > 0``.
 """
 from __future__ import annotations
 
@@ -187,6 +189,17 @@ class Config:
             plain["convert"]["salt"] = REDACTED_SALT
         return plain
 
+    def validate(self) -> Config:
+        """Check every setting; raises `ConfigError` naming the first bad key, its value and what is allowed.
+
+        `load_config` calls it; call it again after changing settings in code.
+        Returns the configuration itself.
+        """
+        from tfgan_ct.config_checks import validate
+
+        validate(self)
+        return self
+
     def save(self, path: str | Path) -> None:
         """Write the resolved configuration as YAML (atomic)."""
         from tfgan_ct.fileio import atomic_write_text
@@ -206,7 +219,7 @@ def _plain(value: Any) -> Any:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load defaults, then the YAML file `path` (if any), then `key.sub=value` overrides."""
+    """Load defaults, then the YAML file `path` (if any), then `key.sub=value` overrides; then validate."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -220,7 +233,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     for item in overrides:
         _apply_override(data, item)
-    return build(Config, data, "")
+    return build(Config, data, "").validate()
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
