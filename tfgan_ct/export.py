@@ -16,24 +16,34 @@ both networks for the next stage's warm start; their Keras variable paths
 metadata (`variable_paths`), because the TensorFlow names of nested Keras
 variables are not unique.
 
-An export is written under a hidden name beside its final folder and renamed
+An export is written in a staging folder beside its final folder
+(`.export.partial-<host>-<pid>-<random>`, `fileio.make_staging`) and renamed
 when complete: a crash mid-export leaves no integer-named folder that
-TensorFlow Serving would pick up.
+TensorFlow Serving would pick up, and the next export removes the staging
+that dead processes left. A full disk ends the export with an ExportError
+naming the folder, and nothing half-written is kept.
+
+Exports always compute in float32: a generator trained under a mixed
+precision policy is exported as a float32 copy with the same weights and
+variable paths (RRDB networks overflow in float16 inference).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-import tempfile
+import time
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
-from tfgan_ct import serving
+from tfgan_ct import fileio, serving
 from tfgan_ct.config import Window
+
+log = logging.getLogger("tfgan_ct.export")
 
 METADATA = "tfgan_ct.json"
 RENAME_ATTEMPTS = 5                 # version numbers tried before export_stage gives up
@@ -63,39 +73,110 @@ def _next_version(stage_dir: Path) -> int:
 
 def export_stage(generator: keras.Model, discriminator: keras.Model, models_dir: str | Path,
                  stage: str, window: Window, scale: int, metadata: dict) -> Path:
-    """Write the next version of `stage` under `models_dir` atomically; returns its folder."""
+    """Write the next version of `stage` under `models_dir` atomically; returns its folder.
+
+    The generator is exported in float32 whatever its dtype policy (`float32_copy`).
+    Raises ExportError, naming `models_dir/stage`, when the disk is full; the
+    staging folder is removed then (as on any error).
+    """
     stage_dir = Path(models_dir) / stage
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    stage_tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=stage_dir))
+    staging = None
     try:
-        _write_saved_model(generator, discriminator, stage_tmp / "model", window)
-        serving.write_warmup(stage_tmp / "model", model_name=stage)
-        for _ in range(RENAME_ATTEMPTS):
-            version = _next_version(stage_dir)
-            info = {**metadata, "stage": stage, "version": version, "scale": scale,
-                    "window": {"center": window.center, "width": window.width},
-                    "signatures": {"serving_default": "lr [b,h,w,1] in [0,1] -> sr [b,4h,4w,1]",
-                                   "hu": "lr_hu [b,h,w,1] HU -> sr_hu [b,4h,4w,1] HU"},
-                    "variable_paths": {"generator": [v.path for v in generator.variables],
-                                       "discriminator": [v.path for v in discriminator.variables]}}
-            (stage_tmp / "model" / METADATA).write_text(json.dumps(info, indent=2) + "\n")
-            target = stage_dir / str(version)
-            try:
-                os.rename(stage_tmp / "model", target)
-                return target
-            except OSError:
-                if not os.path.lexists(target):
-                    raise
-                # another export took this version number meanwhile; take the next
-        raise ExportError(f"cannot export {stage}: {target} already exists ({RENAME_ATTEMPTS} version "
-                          f"numbers tried); move away the integer-named entries in {stage_dir} that are "
-                          f"not complete exports, and check that no other export writes there")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        fileio.remove_stale_staging(stage_dir)
+        _remove_legacy_staging(stage_dir)
+        staging = fileio.make_staging(stage_dir, "export")
+        return _write_version(float32_copy(generator), discriminator, stage_dir, staging, stage, window,
+                              scale, metadata)
+    except ExportError:
+        raise
+    except Exception as exc:
+        if fileio.is_disk_full(exc):
+            raise ExportError(f"cannot export {stage} to {stage_dir}: no space left on the disk "
+                              f"({type(exc).__name__}: {exc}); nothing was kept there, free some space "
+                              f"and run the command again") from None
+        raise
     finally:
-        shutil.rmtree(stage_tmp, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_version(generator: keras.Model, discriminator: keras.Model, stage_dir: Path, staging: Path,
+                   stage: str, window: Window, scale: int, metadata: dict) -> Path:
+    """Write the SavedModel in `staging/model`, then rename it to the next free version in `stage_dir`."""
+    _write_saved_model(generator, discriminator, staging / "model", window)
+    serving.write_warmup(staging / "model", model_name=stage)
+    for _ in range(RENAME_ATTEMPTS):
+        version = _next_version(stage_dir)
+        info = {**metadata, "stage": stage, "version": version, "scale": scale,
+                "window": {"center": window.center, "width": window.width},
+                "signatures": {"serving_default": "lr [b,h,w,1] in [0,1] -> sr [b,4h,4w,1]",
+                               "hu": "lr_hu [b,h,w,1] HU -> sr_hu [b,4h,4w,1] HU"},
+                "variable_paths": {"generator": [v.path for v in generator.variables],
+                                   "discriminator": [v.path for v in discriminator.variables]}}
+        (staging / "model" / METADATA).write_text(json.dumps(info, indent=2) + "\n")
+        target = stage_dir / str(version)
+        try:
+            os.rename(staging / "model", target)
+            return target
+        except OSError:
+            if not os.path.lexists(target):
+                raise
+            # another export took this version number meanwhile; take the next
+    raise ExportError(f"cannot export {stage}: {target} already exists ({RENAME_ATTEMPTS} version "
+                      f"numbers tried); move away the integer-named entries in {stage_dir} that are "
+                      f"not complete exports, and check that no other export writes there")
+
+
+def _remove_legacy_staging(stage_dir: Path) -> None:
+    """Remove `.partial-*` staging folders of tfgan-ct 0.1 exports (no owner recorded) that are
+    older than `fileio.LEGACY_STALE_SECONDS`: their export died long ago."""
+    for path in stage_dir.glob(".partial-*"):
+        try:
+            stale = path.is_dir() and time.time() - path.lstat().st_mtime > fileio.LEGACY_STALE_SECONDS
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                log.warning("removed %s, left by an interrupted export", path)
+
+
+def _layers(model: keras.layers.Layer):
+    """`model` and every layer nested in it (Keras 3 `_flatten_layers`, depth first)."""
+    return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """`model` itself when every layer computes in float32; otherwise a float32 copy of it.
+
+    The copy is a clone of the functional model built under the float32 policy
+    (nested layers too), holding the same weights under the same variable paths,
+    so an export of it warm-starts by name like one of the original. Serving a
+    mixed_float16 network in float16 overflows (RRDB features exceed 65504).
+    """
+    if all(layer.compute_dtype == "float32" for layer in _layers(model)):
+        return model
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        copy = keras.models.clone_model(
+            model, clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(),
+                                                                              "dtype": "float32"}))
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    copy.set_weights(model.get_weights())
+    mixed = [layer.name for layer in _layers(copy) if layer.compute_dtype != "float32"]
+    paths, here = [v.path for v in copy.variables], [v.path for v in model.variables]
+    if mixed or paths != here:
+        raise ExportError(f"cannot make a float32 copy of {model.name} for export "
+                          f"({'layers ' + ', '.join(mixed) + ' not float32' if mixed else 'variable paths differ'})")
+    return copy
 
 
 def _write_saved_model(generator: keras.Model, discriminator: keras.Model, path: Path,
                        window: Window) -> None:
+    """SavedModel at `path`: both signatures (see the module docstring) and both variable collections."""
     archive = keras.export.ExportArchive()
     archive.track(generator)
     archive.track(discriminator)
@@ -142,27 +223,73 @@ def resolve(spec: str, models_dir: str | Path) -> Path:
 
 
 def read_metadata(path: Path) -> dict:
-    """The metadata JSON of an export ({} if it has none or it is unreadable)."""
+    """The metadata JSON object of the export at `path`; {} when it has none.
+
+    Raises ExportError, naming the export, when the file cannot be read, is
+    not UTF-8 JSON or does not hold a JSON object (a damaged export).
+    """
+    file = Path(path) / METADATA
     try:
-        return json.loads((Path(path) / METADATA).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        text = file.read_bytes().decode("utf-8")
+    except FileNotFoundError:
         return {}
+    except UnicodeDecodeError:
+        raise ExportError(f"{path}: damaged export, its {METADATA} is not UTF-8 text (binary data?); "
+                          f"export it again or choose another") from None
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot read its {METADATA} ({exc.strerror or exc})") from None
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}: damaged export, its {METADATA} is not valid JSON ({exc}); "
+                          f"export it again or choose another") from None
+    if not isinstance(info, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(info), "a number")
+        raise ExportError(f"{path}: damaged export, its {METADATA} holds {kind} instead of a JSON object; "
+                          f"export it again or choose another")
+    return info
+
+
+def load_saved_model(path: Path):
+    """`tf.saved_model.load` of the export at `path`, with any failure as one ExportError line.
+
+    A truncated or damaged variables file, a garbled saved_model.pb or missing
+    files all raise ExportError naming the export and the reason.
+    """
+    if not (Path(path) / "saved_model.pb").is_file():
+        raise ExportError(f"{path}: no saved_model.pb there (not an export, or an incomplete copy)")
+    try:
+        return tf.saved_model.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - TensorFlow raises IndexError, OpError, ValueError, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path}: cannot load the SavedModel, the export is damaged or incomplete "
+                          f"({type(exc).__name__}: {reason}; e.g. a truncated variables file); "
+                          f"export it again or choose another") from None
+
+
+def _variable_paths(path: Path) -> dict[str, list[str]]:
+    """{'generator': [...], 'discriminator': [...]}: the Keras variable paths in the export's metadata."""
+    paths = read_metadata(path).get("variable_paths")
+    if not paths:
+        raise ExportError(f"{path}: no variable_paths in {METADATA} (not made by tfgan-ct?)")
+    if not isinstance(paths, dict) or not all(
+            isinstance(paths.get(name, []), list) and all(isinstance(p, str) for p in paths.get(name, []))
+            for name in ("generator", "discriminator")):
+        raise ExportError(f"{path}: damaged export, variable_paths in its {METADATA} is not "
+                          f"{{'generator': [names], 'discriminator': [names]}}")
+    return paths
 
 
 def warm_start(generator: keras.Model, discriminator: keras.Model, path: Path) -> int:
     """Copy both networks' weights from the export at `path`, matched by variable path.
 
-    Raises ExportError naming the first variable that is missing, has another
-    shape, or is in the export but not in the model; nothing is assigned then.
-    Returns the number of variables restored.
+    Raises ExportError naming the export when it is damaged (unreadable
+    metadata or variables), or naming the first variable that is missing, has
+    another shape, or is in the export but not in the model; nothing is
+    assigned then. Returns the number of variables restored.
     """
-    try:
-        loaded = tf.saved_model.load(str(path))
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{path}: cannot load SavedModel ({exc})") from None
-    paths = read_metadata(path).get("variable_paths")
-    if not paths:
-        raise ExportError(f"{path}: no variable_paths in {METADATA} (not made by tfgan-ct?)")
+    paths = _variable_paths(path)
+    loaded = load_saved_model(path)
     pairs = []
     for name, model in (("generator", generator), ("discriminator", discriminator)):
         stored = list(getattr(loaded, f"{name}_variables", []))

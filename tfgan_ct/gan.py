@@ -70,8 +70,10 @@ class TransferGAN(keras.Model):
         self.generator, self.discriminator, self.vgg = generator, discriminator, vgg
         self.settings, self.global_batch = settings, global_batch
         l1, gan = settings.l1_phase, settings.gan_phase
-        self.g_optimizer = make_optimizer(halving_schedule([(0, l1), (l1.steps, gan)]), settings, "g_adam")
-        self.d_optimizer = make_optimizer(halving_schedule([(0, gan)]), settings, "d_adam")
+        self.g_schedule = halving_schedule([(0, l1), (l1.steps, gan)])
+        self.d_schedule = halving_schedule([(0, gan)])
+        self.g_optimizer = make_optimizer(self.g_schedule, settings, "g_adam")
+        self.d_optimizer = make_optimizer(self.d_schedule, settings, "d_adam")
         self.gan_phase = False
         self.trackers = {name: keras.metrics.Mean(name=name) for name in
                          ("g_loss", "l1", "perceptual", "g_adversarial", "d_loss", "d_real", "d_fake")}
@@ -98,6 +100,17 @@ class TransferGAN(keras.Model):
     def step(self) -> tf.Variable:
         """Generator updates so far (the global step; D updates only in the GAN phase)."""
         return self.g_optimizer.iterations
+
+    def last_learning_rates(self) -> dict[str, float]:
+        """Learning rates the latest update of each optimizer used: {'generator': .., 'discriminator': ..}.
+
+        An optimizer's `learning_rate` is its schedule at `iterations`, i.e. the
+        rate of the *next* update; the update just made used the schedule at
+        `iterations - 1` (the first rate before any update).
+        """
+        return {name: float(schedule(max(int(optimizer.iterations.numpy()) - 1, 0)))
+                for name, schedule, optimizer in (("generator", self.g_schedule, self.g_optimizer),
+                                                  ("discriminator", self.d_schedule, self.d_optimizer))}
 
     @property
     def metrics(self):

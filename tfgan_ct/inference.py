@@ -67,25 +67,37 @@ def bicubic(scale: int = 4) -> Method:
 
 
 def saved_model(path: str | Path, name: str | None = None) -> Method:
-    """An exported stage at `path` (a version folder), called with plain TensorFlow."""
+    """An exported stage at `path` (a version folder), called with plain TensorFlow.
+
+    Raises InferenceError, naming the export and the problem, when it cannot be
+    loaded: damaged metadata or variables (e.g. a truncated file), no
+    serving_default signature, or a scale that is not a positive integer.
+    """
     import tensorflow as tf
 
-    from tfgan_ct.export import read_metadata
+    from tfgan_ct.export import ExportError, load_saved_model, read_metadata
 
     path = Path(path)
     try:
-        loaded = tf.saved_model.load(str(path))
+        metadata = read_metadata(path)
+        loaded = load_saved_model(path)
+    except ExportError as exc:
+        raise InferenceError(str(exc)) from None
+    try:
         signature = loaded.signatures["serving_default"]
-    except (OSError, ValueError, KeyError) as exc:
+    except KeyError:
         raise InferenceError(f"{path}: cannot load a SavedModel with a serving_default signature "
-                             f"({exc})") from None
-    metadata = read_metadata(path)
+                             f"(it has {', '.join(loaded.signatures) or 'no signatures'})") from None
+    scale = metadata.get("scale", 4)
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise InferenceError(f"{path}: damaged export, 'scale' in its tfgan_ct.json is {scale!r}, "
+                             f"not a positive integer")
 
     def predict(lr: np.ndarray) -> np.ndarray:
         return signature(lr=tf.constant(_check_batch(lr)))["sr"].numpy()
 
     predict.loaded = loaded  # keep the SavedModel object alive with the function
-    return Method(name or _default_name(path, metadata), predict, int(metadata.get("scale", 4)), metadata)
+    return Method(name or _default_name(path, metadata), predict, scale, metadata)
 
 
 def remote(url: str, model: str, version: int | None = None, name: str | None = None,

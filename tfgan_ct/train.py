@@ -89,6 +89,21 @@ def resolve_warm_start(stage: str, spec: str, models_dir: Path) -> Path | None:
                             f"--warm-start none") from None
 
 
+def check_updates(cfg: Config) -> None:
+    """Refuse a configuration whose run makes no optimizer update at all.
+
+    Such a run would export its starting point (an untrained or a merely
+    copied network) as the stage's newest version. A run resumed at or past
+    its last step is another matter: it only exports its final checkpoint.
+    """
+    tc = cfg.train
+    updates = max(tc.l1_phase.steps, 0) + max(tc.gan_phase.steps, 0)
+    if updates <= 0:
+        raise TrainingError(f"train.l1_phase.steps={tc.l1_phase.steps} and train.gan_phase.steps="
+                            f"{tc.gan_phase.steps}: this run would make no optimizer update and export "
+                            f"an untrained model; set at least one of them above 0")
+
+
 def run_id(stage: str, manifest: dict, cfg: Config, parent: Path | None) -> str:
     """Short hash of what defines a run, so the same command resumes the same run."""
     parent_meta = export.read_metadata(parent) if parent else {}
@@ -106,6 +121,7 @@ def train_stage(stage: str, data_dir: str | Path, cfg: Config, warm_start: str =
         raise TrainingError(f"unknown stage {stage!r} (use {', '.join(STAGES)})")
     models_dir, data_dir = Path(models_dir), Path(data_dir)
     modality = stage  # the natural stage reads modality "natural"
+    check_updates(cfg)
     try:
         manifest = data.load_manifest(data_dir)
         data.shard_files(data_dir, "train", modality, manifest)
@@ -183,7 +199,7 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
     total = tc.l1_phase.steps + tc.gan_phase.steps
     workers, worker = worker_position(strategy)
     per_step = data.patches_per_step(workers, cfg.data.batch_size)
-    watcher = StepWatcher(model, manager, run_dir, cfg, data_dir, modality, total, strategy)
+    watcher = StepWatcher(model, manager, run_dir, cfg, data_dir, modality, total, strategy, manifest["scale"])
     for phase, (gan_phase, begin, end) in enumerate(((False, 0, tc.l1_phase.steps),
                                                      (True, tc.l1_phase.steps, total))):
         start = int(model.step.numpy())
@@ -275,9 +291,9 @@ def _checkpoint_dir(run_dir: Path, strategy) -> Path:
 class StepWatcher(keras.callbacks.Callback):
     """Per-step bookkeeping: non-finite check, log lines, TensorBoard, checkpoints, validation."""
 
-    def __init__(self, model, manager, run_dir, cfg, data_dir, modality, total, strategy):
+    def __init__(self, model, manager, run_dir, cfg, data_dir, modality, total, strategy, scale):
         super().__init__()
-        self.gan, self.manager, self.cfg, self.total = model, manager, cfg, total
+        self.gan, self.manager, self.cfg, self.total, self.scale = model, manager, cfg, total, scale
         self.phase_end = total
         self.error: str | None = None
         tensorboard = run_dir / ("tensorboard" if is_chief(strategy) else ".tensorboard-worker")
@@ -311,7 +327,8 @@ class StepWatcher(keras.callbacks.Callback):
     def _log(self, step, logs):
         rate = (step - self.s0) / max(time.perf_counter() - self.t0, 1e-9)
         eta = (self.total - step) / max(rate, 1e-9)
-        g_lr = float(self.gan.g_optimizer.learning_rate)
+        rates = self.gan.last_learning_rates()  # what this step used, not the next step's rate
+        g_lr = rates["generator"]
         log.info("step %d/%d %s | %s | lr %.2e | %.2f steps/s | ETA %s", step, self.total,
                  "GAN" if self.gan.gan_phase else "L1",
                  " ".join(f"{k} {v:.4g}" for k, v in sorted(logs.items())), g_lr, rate,
@@ -321,7 +338,7 @@ class StepWatcher(keras.callbacks.Callback):
                 tf.summary.scalar(f"loss/{key}", value)
             tf.summary.scalar("learning_rate/generator", g_lr)
             if self.gan.gan_phase:
-                tf.summary.scalar("learning_rate/discriminator", float(self.gan.d_optimizer.learning_rate))
+                tf.summary.scalar("learning_rate/discriminator", rates["discriminator"])
             tf.summary.scalar("steps_per_second", rate)
 
     def _validate(self, step):
@@ -331,8 +348,7 @@ class StepWatcher(keras.callbacks.Callback):
             hr, mask = item["hr"].numpy()[..., 0], item["mask"].numpy()[..., 0]
             scores.append((metrics.psnr(sr, hr, mask=mask), metrics.ssim(sr, hr, mask=mask)))
             if len(images) < 3:
-                lr_up = np.repeat(np.repeat(item["lr"].numpy()[..., 0], 4, 0), 4, 1)
-                images.append(np.concatenate([lr_up, sr, hr], axis=1))
+                images.append(validation_panel(item["lr"].numpy()[..., 0], sr, hr, self.scale))
         psnr, ssim = np.mean(scores, axis=0)
         log.info("step %d validation (%d slices, in mask): PSNR %.2f dB, SSIM %.4f", step, len(scores), psnr, ssim)
         with self.writer.as_default(step=step):
@@ -340,6 +356,15 @@ class StepWatcher(keras.callbacks.Callback):
             tf.summary.scalar("validation/ssim_mask", ssim)
             for i, image in enumerate(images):  # LR (nearest) | SR | HR
                 tf.summary.image(f"validation/lr_sr_hr_{i}", image[None, ..., None])
+
+
+def validation_panel(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int) -> np.ndarray:
+    """LR (nearest-neighbour upscaled) | SR | HR side by side for TensorBoard.
+
+    lr [h, w], sr and hr [scale*h, scale*w], all in [0, 1]; returns [scale*h, 3*scale*w].
+    """
+    lr_up = np.repeat(np.repeat(lr, scale, 0), scale, 1)
+    return np.concatenate([lr_up, sr, hr], axis=1)
 
 
 def _has_split(data_dir, split, modality) -> bool:
