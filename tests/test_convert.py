@@ -148,12 +148,12 @@ def test_every_broken_file_reported(converted, shared_data):
         assert len(lines) == 1 and reason in lines[0], (name, lines)
     manifest = json.loads((out / "manifest.json").read_text())
     reasons = manifest["skipped"]["by_reason"]
-    assert reasons["not a DICOM file"] == 1 and reasons["pixel data truncated"] == 2
+    assert reasons["not-dicom"] == 1 and reasons["truncated"] == 2
     # The log file travels with the dataset: reasons and counts, but no input file names
     # (archives name files by UID or patient ID); the names are on the terminal above.
     log = (out / "convert.log").read_text()
     assert not any(name.split("/")[1] in log for name in expected)
-    assert "not a DICOM file: 1" in log and "pixel data truncated: 2" in log
+    assert "not-dicom: 1" in log and "truncated: 2" in log
     assert str(shared_data) not in log
 
 

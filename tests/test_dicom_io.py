@@ -107,9 +107,12 @@ def test_fast_native_path_equals_pydicom(shared_data, phantom_dir):
         np.testing.assert_array_equal(fast, reference.reshape(fast.shape), err_msg=str(path))
 
 
-def test_header_pass_does_not_read_pixels(shared_data):
-    frames = dicom_io.frames_of(shared_data / "dicom/bad/truncated_pixeldata.dcm")
-    assert isinstance(frames, list)  # the header is fine; the pixels fail later, in read_hu
+def test_header_pass_finds_truncated_pixels_from_the_file_size(shared_data):
+    """The header pass reads no pixels, yet a file cut short is skipped there: the
+    pixel data's claimed length is compared with what the file holds."""
+    result = dicom_io.frames_of(shared_data / "dicom/bad/truncated_pixeldata.dcm")
+    assert isinstance(result, dicom_io.Skipped) and result.code == "truncated", result
+    assert "298302 bytes" in result.reason and "524288" in result.reason
 
 
 def test_layout_from_header_pass_reads_what_a_full_read_gives(shared_data, phantom_dir):
@@ -135,9 +138,12 @@ def test_layout_from_header_pass_reads_what_a_full_read_gives(shared_data, phant
     assert compressed[0].layout is None
 
 
-def test_truncated_file_with_layout_still_reports_truncation(shared_data):
-    path = shared_data / "dicom/bad/truncated_pixeldata.dcm"
+def test_truncated_file_with_layout_still_reports_truncation(shared_data, tmp_path):
+    """A file cut short between the header pass and the pixel pass."""
+    path = tmp_path / "cut.dcm"
+    path.write_bytes((shared_data / "dicom/head-ncct/pydicom-data_693_UNCR.dcm").read_bytes())
     frames = dicom_io.frames_of(path)
+    path.write_bytes(path.read_bytes()[:300_000])
     with pytest.raises(ValueError, match="pixel data truncated"):
         dicom_io.read_hu(str(path), [0], -1500, layout=frames[0].layout)
 

@@ -153,8 +153,7 @@ def test_broken_files_reported_by_name_and_counted(modes_dataset):
         assert f"skipped {name}:" in log
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["skipped"] == {"files": 6, "by_reason": {
-        "empty file": 1, "image too small": 1, "not an image file": 1,
-        "truncated or corrupt image": 2, "unsupported image mode": 1}}
+        "empty-file": 1, "too-small": 1, "not-image": 1, "corrupt-image": 2, "unsupported-mode": 1}}
     assert manifest["counts"]["validation"]["slices"] == len(expected)
     assert "notes.txt" not in result.output or "ignored" in result.output
 
@@ -186,7 +185,8 @@ def test_nothing_usable_fails(tmp_path):
     (tmp_path / "in/a.png").write_text("no image")
     result = run(tmp_path / "in", "--out", tmp_path / "out", "--workers", 1)
     assert result.exit_code == 1 and "no usable images found" in result.output
-    assert "skipped a.png: not an image file" in result.output
+    assert "skipped a.png: [not-image] not an image file" in result.output
+    assert "1 file(s) skipped (not-image: 1)" in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -309,8 +309,8 @@ def test_ncct_default_warm_start_is_the_natural_export(natural_run, converted):
 
     tiny, _, models, runs = natural_run
     ct, _ = converted
-    zero = load_config(tiny, ["train.l1_phase.steps=0", "train.gan_phase.steps=0"])
-    child = train_stage("ncct", ct, zero, models_dir=models, runs_dir=runs)  # --warm-start default
+    one = load_config(tiny, ["train.l1_phase.steps=1", "train.gan_phase.steps=0"])
+    child = train_stage("ncct", ct, one, models_dir=models, runs_dir=runs)  # --warm-start default
     child_meta = export.read_metadata(child.export_dir)
     assert child_meta["parent"] == "natural" and child_meta["parent_version"] == 1
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from tfgan_ct import dicom_io, modality as modality_rules, resize, splits
 from tfgan_ct.config import REDACTED_SALT, Config, ConfigError
-from tfgan_ct.fileio import atomic_write_text, staged_directory
+from tfgan_ct.fileio import OutputError, atomic_write_text, check_replaceable, staged_directory
 from tfgan_ct.logs import TERMINAL_ONLY, log_to_file
 from tfgan_ct.masking import brain_mask
 from tfgan_ct.shards import FORMAT, FORMAT_VERSION, MANIFEST, RecordMeta, ShardWriter, encode
@@ -114,7 +114,8 @@ def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality
     """Convert DICOM `inputs` into a shard dataset at `out`; see the module docstring."""
     start = time.perf_counter()
     check_settings(cfg)
-    out = check_output(out, overwrite)
+    inputs = list(inputs)
+    out = check_output(out, overwrite, inputs, "a dataset")
     if modality != "auto" and modality not in modality_rules.MODALITIES:
         raise ConvertError(f"--modality {modality!r}: use auto, ncct, ctp or cta")
     workers = workers or os.cpu_count() or 1
@@ -124,17 +125,19 @@ def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality
     with _pool(workers) as pool, staged_directory(out, overwrite=overwrite) as stage, \
             log_to_file(stage / "convert.log"):
         frames, skipped = scan(inputs, pool, progress)
-        frames = dicom_io.merge_duplicates(frames)
+        frames = dicom_io.merge_duplicates(frames, cfg.convert.out_of_field_hu)
         summary.skipped.extend(skipped)
         plans = plan_series(frames, cfg, modality, salt, split_csv)
         if not plans:
-            raise ConvertError(f"no usable CT images found in {', '.join(map(str, inputs))} "
-                               f"({len(skipped)} file(s) skipped)")
+            raise ConvertError(f"no usable CT images found in {', '.join(map(str, inputs))}"
+                               f"{_skipped_text(summary.skipped)}")
         _log_plans(plans, skipped)
         shards = write_shards(plans, cfg, stage, pool, summary, progress)
         if not sum(summary.records.values()):
-            raise ConvertError("no usable CT images found: no slice with brain tissue could be converted "
-                               f"({len(summary.skipped)} file(s) skipped)")
+            converted = sum(summary.slices.values()) + summary.empty_slices
+            raise ConvertError(f"nothing could be converted: {converted} slice(s) decoded, none with "
+                               f"brain tissue (convert.mask, modalities.*.mask_hu)"
+                               f"{_skipped_text(summary.skipped)}")
         summary.seconds = time.perf_counter() - start
         manifest = build_manifest(plans, shards, summary, cfg, modality, split_csv)
         atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -143,16 +146,40 @@ def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality
     return summary
 
 
-def check_output(out: str | Path, overwrite: bool) -> Path:
-    """The output folder as a Path; refuses a file, or a non-empty folder without `overwrite`.
+def _skipped_text(skipped: list[dicom_io.Skipped]) -> str:
+    """'; 3 file(s) skipped (truncated: 2, not-dicom: 1)', or '' when none were."""
+    if not skipped:
+        return "; no file was skipped"
+    counts = Counter(item.code for item in skipped)
+    return f"; {len(skipped)} file(s) skipped ({', '.join(f'{c}: {n}' for c, n in sorted(counts.items()))})"
+
+
+def is_dataset(folder: Path) -> bool:
+    """Whether `folder` holds a dataset written by tfgan-ct (its manifest names our format)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def check_output(out: str | Path, overwrite: bool, inputs: Iterable[str | Path] = (),
+                 what: str = "a dataset") -> Path:
+    """The output folder as a Path; refuses a file, a non-empty folder without `overwrite`,
+    and with `overwrite` anything but a dataset of ours that holds none of `inputs`.
 
     An existing empty folder is removed so that the staged output can take its place.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConvertError(f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConvertError(f"{out} already exists and is not empty (use --overwrite to replace it)")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConvertError(f"{out} already exists and is not empty (use --overwrite to replace it)")
+        try:
+            check_replaceable(out, inputs, is_dataset, what)
+        except OutputError as exc:
+            raise ConvertError(str(exc)) from None
     if out.exists() and not any(out.iterdir()):
         out.rmdir()
     return out
@@ -220,24 +247,31 @@ def _context():
 
 def scan(inputs, pool, progress: bool) -> tuple[list[dicom_io.Frame], list[dicom_io.Skipped]]:
     """Header pass over every input file (in `pool`); logs one line per skipped file."""
+    skipped: list[dicom_io.Skipped] = []
     try:
-        paths = list(dicom_io.iter_files(inputs))
+        paths = list(dicom_io.iter_files(inputs, skipped))
     except FileNotFoundError as exc:
         raise ConvertError(str(exc)) from None
+    for item in skipped:
+        log_skipped(item)
     frames: list[dicom_io.Frame] = []
-    skipped: list[dicom_io.Skipped] = []
     from tqdm import tqdm  # here: worker processes import this module and never need it
 
     bar = tqdm(total=len(paths), desc="reading headers", unit="file", disable=not progress)
     for result in pool.imap(dicom_io.frames_of, paths, chunksize=32):
         bar.update()
         if isinstance(result, dicom_io.Skipped):
-            log.warning("skipped %s: %s", dicom_io.relpath(result.path), result.reason, extra=TERMINAL_ONLY)
+            log_skipped(result)
             skipped.append(result)
         else:
             frames.extend(result)
     bar.close()
     return frames, skipped
+
+
+def log_skipped(item: dicom_io.Skipped) -> None:
+    """One terminal line for a skipped file: its name, reason code and details."""
+    log.warning("skipped %s: [%s] %s", dicom_io.relpath(item.path), item.code, item.reason, extra=TERMINAL_ONLY)
 
 
 def plan_series(frames: list[dicom_io.Frame], cfg: Config, modality: str, salt: str,
@@ -335,9 +369,9 @@ def process_task(task: _Task) -> tuple[int, list[SliceRecords], list[dicom_io.Sk
                 images = dicom_io.read_hu(path, frames, task.cfg.convert.out_of_field_hu,
                                           layout=items[0][4] if n == 0 else None)
             except ValueError as exc:
-                skipped.append(dicom_io.Skipped(path, str(exc)))
+                skipped.append(dicom_io.skipped(path, exc))
                 continue
-            skipped.extend(dicom_io.Skipped(other, f"duplicate image (same SOP instance as {path})")
+            skipped.extend(dicom_io.Skipped(other, f"duplicate image (same SOP instance as {path})", "duplicate")
                            for other in candidates[n + 1:])
             for (index, _, _, spacing, _), hu in zip(items, images):
                 result = prepare_slice(hu, index, spacing, task.meta.modality, task.cfg)
@@ -402,7 +436,7 @@ def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summar
         for item in skipped:
             if item.path not in reported:  # a multi-frame file can span several tasks
                 reported.add(item.path)
-                log.warning("skipped %s: %s", dicom_io.relpath(item.path), item.reason, extra=TERMINAL_ONLY)
+                log_skipped(item)
                 summary.skipped.append(item)
         key = (plan.split, plan.modality)
         if key not in writers:
@@ -505,7 +539,7 @@ def manifest_dict(series: list[dict], shards: dict[str, list[dict]], summary: Su
             "by_modality": {m: {"records": summary.records[(split, m)], "slices": summary.slices[(split, m)]}
                             for m in kinds if summary.slices[(split, m)]},
         }
-    reasons = Counter(_reason_class(s.reason) for s in summary.skipped)
+    reasons = Counter(s.code for s in summary.skipped)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -525,11 +559,6 @@ def manifest_dict(series: list[dict], shards: dict[str, list[dict]], summary: Su
     }
 
 
-def _reason_class(reason: str) -> str:
-    """The reason without its file-specific details, for counting."""
-    return reason.split(" (")[0]
-
-
 def _log_summary(summary: Summary) -> None:
     n_slices = sum(summary.slices.values())
     for (split, kind), n in sorted(summary.records.items()):
@@ -539,6 +568,6 @@ def _log_summary(summary: Summary) -> None:
     log.info("%d slice(s) in %.1f s (%.0f slices/s); %d file(s) skipped", n_slices, summary.seconds,
              n_slices / max(summary.seconds, 1e-9), len(summary.skipped))
     if summary.skipped:  # the per-file lines (with paths) went to the terminal only
-        reasons = Counter(_reason_class(s.reason) for s in summary.skipped)
+        reasons = Counter(s.code for s in summary.skipped)
         log.info("skipped files by reason (their names are printed on the terminal, not logged here): %s",
-                 "; ".join(f"{reason}: {n}" for reason, n in sorted(reasons.items())))
+                 "; ".join(f"{code}: {n}" for code, n in sorted(reasons.items())))

@@ -21,8 +21,14 @@ salted hashes of them are ever written out.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
+import shutil
+import subprocess
+import tempfile
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -32,6 +38,10 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from tfgan_ct.logs import TERMINAL_ONLY
+
+log = logging.getLogger("tfgan_ct.dicom_io")
 
 AIR_HU = -1000.0
 _DEFER = 4096  # header pass: values this large (pixel data) are left on disk, unread
@@ -51,12 +61,56 @@ CT_SOP_CLASSES = {
 HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 
 
+# The smallest image accepted (rows and columns): x4 needs at least 4x4 LR pixels, and
+# anything smaller than this is a localiser crop or a broken header, not a CT slice.
+MIN_SIZE = 16
+# Most frames accepted in one file: a CTP study stored as one enhanced object has a few
+# thousand; a header claiming millions is broken and would stall the header pass.
+MAX_FRAMES = 20_000
+
+# Reason codes of skipped files: stable names that summaries and manifests count by.
+REASONS = {
+    "unreadable": "the file or folder cannot be read",
+    "not-dicom": "not a DICOM file",
+    "corrupt-header": "the DICOM header cannot be parsed",
+    "bad-dicomdir": "a DICOMDIR that cannot be read",
+    "dangling-link": "a symbolic link to nothing",
+    "not-ct": "not a CT image",
+    "no-pixels": "no pixel data",
+    "not-grey": "not a grey-scale image",
+    "bad-header": "a header value needed is missing, empty or malformed",
+    "too-small": f"image smaller than {MIN_SIZE}x{MIN_SIZE}",
+    "too-many-frames": f"more than {MAX_FRAMES} frames claimed",
+    "size-mismatch": "the pixel data does not hold what the header claims",
+    "truncated": "pixel data cut short",
+    "retired-jpeg": "a retired JPEG transfer syntax no installed decoder reads",
+    "decode-failed": "compressed pixel data that cannot be decoded",
+    "non-finite-hu": "RescaleSlope/Intercept or HU not finite",
+    "duplicate": "the same image as another file",
+}
+
+
 @dataclass(frozen=True)
 class Skipped:
-    """A file that was not used, and why (one line in the log)."""
+    """A file that was not used: `code` (a key of REASONS, counted in summaries) and a
+    human-readable `reason` with the details (printed once per file)."""
 
     path: str
     reason: str
+    code: str = "bad-header"
+
+
+class Unusable(ValueError):
+    """A file that cannot be used; `code` is a key of REASONS, str(exc) the details."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+def skipped(path, exc: ValueError) -> Skipped:
+    """The Skipped line for a file whose reading raised `exc`."""
+    return Skipped(str(path), str(exc), getattr(exc, "code", "bad-header"))
 
 
 @dataclass(frozen=True)
@@ -107,32 +161,65 @@ class Frame:
     layout: PixelLayout | None = None  # where `path` holds the pixels, if uncompressed
 
 
-def iter_files(inputs: Iterable[str | Path]) -> Iterator[Path]:
-    """Every file under `inputs` (files, folders; DICOMDIRs expanded), sorted, each once."""
+def iter_files(inputs: Iterable[str | Path], skipped: list[Skipped] | None = None) -> Iterator[Path]:
+    """Every file under `inputs` (files, folders; DICOMDIRs expanded), sorted, each once.
+
+    Folders that cannot be read, links that point nowhere and DICOMDIRs that cannot
+    be read are appended to `skipped` (when given) instead of being passed over.
+    Raises FileNotFoundError for an input that does not exist.
+    """
+    report = skipped.append if skipped is not None else (lambda item: None)
     seen: set[Path] = set()
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            candidates = sorted(p for p in item.rglob("*") if p.is_file())
+            candidates = _walk(item, report)
         elif item.exists():
             candidates = [item]
+        elif item.is_symlink():
+            report(Skipped(str(item), "symbolic link to nothing", "dangling-link"))
+            continue
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
         for path in candidates:
-            for ref in _dicomdir_files(path) if path.name.upper() == "DICOMDIR" else [path]:
+            refs = _dicomdir_files(path, report) if path.name.upper() == "DICOMDIR" else [path]
+            for ref in refs:
                 real = ref.resolve()  # once per file (it stats every folder on the way)
                 if real not in seen:
                     seen.add(real)
                     yield ref
 
 
-def _dicomdir_files(path: Path) -> list[Path]:
-    """Files referenced by a DICOMDIR (missing references are left out)."""
+def _walk(folder: Path, report) -> list[Path]:
+    """Files under `folder`, sorted; unreadable subfolders and dangling links are reported."""
+    def unreadable(error: OSError) -> None:
+        report(Skipped(str(error.filename or folder), f"folder cannot be read ({error.strerror or error})",
+                       "unreadable"))
+
+    files = []
+    for root, dirs, names in os.walk(folder, onerror=unreadable):
+        dirs.sort()
+        for name in names:
+            path = Path(root, name)
+            if path.is_file():
+                files.append(path)
+            elif path.is_symlink() and not path.exists():
+                report(Skipped(str(path), "symbolic link to nothing", "dangling-link"))
+    return sorted(files)
+
+
+def _dicomdir_files(path: Path, report) -> list[Path]:
+    """Files referenced by a DICOMDIR (missing references are left out); [] and a report
+    when it cannot be read (the files beside it are still found by a folder walk)."""
     try:
-        fileset = pydicom.fileset.FileSet(pydicom.dcmread(path))
-    except Exception:  # noqa: BLE001 - a broken DICOMDIR is reported by the caller as a skipped file
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fileset = pydicom.fileset.FileSet(pydicom.dcmread(path))
+            return sorted(Path(inst.path) for inst in fileset if Path(inst.path).is_file())
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken DICOMDIR
+        report(Skipped(str(path), f"DICOMDIR cannot be read ({type(exc).__name__}: {str(exc)[:120]})",
+                       "bad-dicomdir"))
         return []
-    return sorted(Path(inst.path) for inst in fileset if Path(inst.path).is_file())
 
 
 def read_dataset(path: str | Path, pixels: bool) -> pydicom.Dataset:
@@ -149,9 +236,9 @@ def _read_dataset(path: str | Path, pixels: bool) -> pydicom.Dataset:
     except InvalidDicomError:
         ds = _read_forced(path, pixels)
     except (EOFError, OSError) as exc:
-        raise ValueError(f"unreadable ({exc})") from None
+        raise Unusable("unreadable", f"unreadable ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt headers
-        raise ValueError(f"corrupt header ({type(exc).__name__}: {exc})") from None
+        raise Unusable("corrupt-header", f"corrupt header ({type(exc).__name__}: {str(exc)[:160]})") from None
     return ds
 
 
@@ -160,9 +247,9 @@ def _read_forced(path: str | Path, pixels: bool) -> pydicom.Dataset:
     try:
         ds = pydicom.dcmread(path, force=True, defer_size=None if pixels else _DEFER)
     except Exception:  # noqa: BLE001
-        raise ValueError("not a DICOM file") from None
+        raise Unusable("not-dicom", "not a DICOM file") from None
     if "Rows" not in ds or "Columns" not in ds:
-        raise ValueError("not a DICOM file (no DICOM header and no image attributes)")
+        raise Unusable("not-dicom", "not a DICOM file (no DICOM header and no image attributes)")
     # Pre-DICOM-3 (ACR-NEMA) files often leave out what is implied for grey images.
     if "SamplesPerPixel" not in ds:
         ds.SamplesPerPixel = 1
@@ -186,14 +273,14 @@ def frames_of(path: Path) -> list[Frame] | Skipped:
     try:
         ds = read_dataset(path, pixels=False)
     except ValueError as exc:
-        return Skipped(str(path), str(exc))
+        return skipped(path, exc)
     try:
-        reason = _not_usable(ds)
-        if reason is not None:
-            return Skipped(str(path), reason)
+        _check_usable(ds, path)
         frames = _frames_from_header(path, ds)
+    except Unusable as exc:
+        return skipped(path, exc)
     except HEADER_ERRORS as exc:
-        return Skipped(str(path), f"unusable header ({exc})")
+        return Skipped(str(path), f"unusable header ({exc})", "bad-header")
     try:
         layout = pixel_layout(ds)
     except HEADER_ERRORS:
@@ -203,18 +290,82 @@ def frames_of(path: Path) -> list[Frame] | Skipped:
     return frames
 
 
-def _not_usable(ds: pydicom.Dataset) -> str | None:
-    """Why `ds` is not a grey-scale CT image with pixels; None if it is one."""
+def _check_usable(ds: pydicom.Dataset, path: Path) -> None:
+    """Raise Unusable unless `ds` is a grey-scale CT image whose pixel data can hold
+    what the header claims (checked before anything is allocated for it)."""
     modality = str(ds.get("Modality", "")).upper()
     sop_class = str(ds.get("SOPClassUID", ""))
     if modality != "CT" and sop_class not in CT_SOP_CLASSES:
-        return f"not CT (Modality {modality or 'missing'})"
+        raise Unusable("not-ct", f"not CT (Modality {modality or 'missing'})")
     if "PixelData" not in ds:
-        return "no pixel data"
+        raise Unusable("no-pixels", "no pixel data")
     samples = _int(ds, "SamplesPerPixel", 1)
     if samples != 1:
-        return f"not a grey-scale image (SamplesPerPixel {samples})"
-    return None
+        raise Unusable("not-grey", f"not a grey-scale image (SamplesPerPixel {samples})")
+    rows, columns, frames = _int(ds, "Rows"), _int(ds, "Columns"), _frame_count(ds)
+    if rows < MIN_SIZE or columns < MIN_SIZE:
+        raise Unusable("too-small", f"image too small ({rows}x{columns}; at least {MIN_SIZE}x{MIN_SIZE})")
+    if frames > MAX_FRAMES:
+        raise Unusable("too-many-frames", f"{frames} frames claimed (at most {MAX_FRAMES} are read)")
+    bits = _int(ds, "BitsAllocated", 16)
+    if bits not in (8, 16, 32):
+        raise Unusable("bad-header", f"BitsAllocated {bits} (8, 16 or 32 expected)")
+    _check_pixel_length(ds, path, frames * rows * columns * bits // 8)
+
+
+def _frame_count(ds: pydicom.Dataset) -> int:
+    """NumberOfFrames (1 when absent or empty); Unusable when not a positive number."""
+    value = ds.get("NumberOfFrames", 1)
+    if value in (None, ""):
+        return 1
+    try:
+        frames = int(value)
+    except (TypeError, ValueError):
+        raise Unusable("bad-header", f"NumberOfFrames is not a number ({value!r})") from None
+    if frames < 1:
+        raise Unusable("bad-header", f"NumberOfFrames {frames}")
+    return frames
+
+
+def _check_pixel_length(ds: pydicom.Dataset, path: Path, expected: int) -> None:
+    """Compare the claimed size of the pixels (`expected` bytes, uncompressed) with what
+    the file holds: native pixel data must hold `expected` bytes (not cut short, and
+    not a whole frame more, e.g. 16-bit data under BitsAllocated 8); compressed data
+    needs at least one 8-byte item per frame."""
+    elem = ds.get_item(0x7FE00010, keep_deferred=True)
+    if isinstance(elem, RawDataElement) and elem.value is not None:
+        length = elem.length if elem.length == 0xFFFFFFFF else len(elem.value)
+    elif isinstance(elem, RawDataElement):
+        length = elem.length
+        if length != 0xFFFFFFFF:  # deferred: the file may end sooner
+            try:
+                length = min(length, path.stat().st_size - int(elem.value_tell))
+            except (OSError, TypeError):
+                pass
+    else:
+        length = len(ds.PixelData or b"")
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if length == 0xFFFFFFFF or (syntax is not None and syntax.is_compressed):  # encapsulated
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return
+        frames = _frame_count(ds)
+        if frames * 8 > size:
+            raise Unusable("size-mismatch", f"{frames} frames claimed in a file of {size} bytes")
+        return
+    if length < expected:
+        raise Unusable("truncated", f"pixel data truncated ({length} bytes, the header claims "
+                                    f"{_shape_text(ds)} = {expected} bytes)")
+    frame_bytes = expected // _frame_count(ds)
+    if length - expected >= frame_bytes:
+        raise Unusable("size-mismatch", f"pixel data holds {length} bytes, the header claims "
+                                        f"{_shape_text(ds)} = {expected} bytes")
+
+
+def _shape_text(ds: pydicom.Dataset) -> str:
+    return (f"{_frame_count(ds)} frame(s) x {ds.get('Rows')} x {ds.get('Columns')} x "
+            f"{int(ds.get('BitsAllocated', 16)) // 8} byte(s)")
 
 
 def _int(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int:
@@ -375,7 +526,8 @@ def read_hu(path: str, frames: list[int], out_of_field_hu: float,
     Padding (PixelPaddingValue) and out-of-field values (at or below
     `out_of_field_hu` after rescaling) become air (-1000 HU). With the file's
     `layout` from the header pass, the pixels are read straight from the file.
-    Raises ValueError with a readable reason when the pixels cannot be decoded.
+    Raises Unusable (a ValueError with a reason code) when the pixels cannot be
+    decoded, do not match the header, or give HU that are not finite.
     """
     if layout is not None:
         stored = _read_layout(path, layout, frames)
@@ -384,15 +536,8 @@ def read_hu(path: str, frames: list[int], out_of_field_hu: float,
                     for i, pixels in zip(frames, stored)]
         # the file is not what its header said (e.g. truncated): a full read explains
     ds = read_dataset(path, pixels=True)
-    try:
-        stack = _native_pixels(ds)
-        if stack is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pixels = ds.pixel_array
-            stack = pixels if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels[None]
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types
-        raise ValueError(_decode_reason(ds, exc)) from None
+    _check_usable(ds, Path(path))
+    stack = _decode(ds, path)
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     padding = ds.get("PixelPaddingValue")
@@ -402,6 +547,51 @@ def read_hu(path: str, frames: list[int], out_of_field_hu: float,
             for i in frames]
 
 
+def _decode(ds: pydicom.Dataset, path: str) -> np.ndarray:
+    """Frames x rows x columns of stored values, checked against the header's shape."""
+    try:
+        stack = _native_pixels(ds)
+        if stack is None:
+            if ds.file_meta.get("TransferSyntaxUID") in RETIRED_JPEG:
+                ds = _decode_retired_jpeg(ds, path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pixels = ds.pixel_array
+            stack = pixels if _frame_count(ds) > 1 else pixels[None]
+    except Unusable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types
+        raise _decode_error(ds, exc) from None
+    expected = (_frame_count(ds), int(ds.Rows), int(ds.Columns))
+    if stack.shape != expected:
+        raise Unusable("size-mismatch", f"pixel data decodes to shape {stack.shape}, the header "
+                                        f"claims {expected} (BitsAllocated {ds.get('BitsAllocated')})")
+    return stack
+
+
+# Retired JPEG processes that pydicom's decoders (and GDCM) do not read; DCMTK's dcmdjpeg does.
+RETIRED_JPEG = {
+    "1.2.840.10008.1.2.4.53": "JPEG spectral selection, processes 6 & 8",
+    "1.2.840.10008.1.2.4.55": "JPEG full progression, processes 10 & 12",
+}
+
+
+def _decode_retired_jpeg(ds: pydicom.Dataset, path: str) -> pydicom.Dataset:
+    """`ds` decompressed by DCMTK's `dcmdjpeg` (a fresh Dataset), or Unusable naming the tool."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    tool = shutil.which("dcmdjpeg")
+    what = f"{RETIRED_JPEG[syntax]} ({syntax})"
+    if tool is None:
+        raise Unusable("retired-jpeg", f"retired transfer syntax {what}: pydicom cannot decode it; "
+                                       f"install DCMTK (dcmdjpeg) to read it")
+    with tempfile.TemporaryDirectory(prefix="tfgan-ct-dcmdjpeg-") as tmp:
+        out = Path(tmp) / "decoded.dcm"
+        done = subprocess.run([tool, str(path), str(out)], capture_output=True, text=True,
+                              errors="replace", timeout=120)
+        if done.returncode != 0 or not out.is_file():
+            detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise Unusable("retired-jpeg", f"retired transfer syntax {what}: dcmdjpeg failed ({detail[0][:160]})")
+        return read_dataset(out, pixels=True)
 def _rescale(ds, per_frame, shared, index: int) -> tuple[float | None, float | None]:
     """(RescaleSlope, RescaleIntercept) of frame `index` (per-frame, shared or top level)."""
     group = per_frame[index] if per_frame is not None and index < len(per_frame) else None
@@ -411,10 +601,20 @@ def _rescale(ds, per_frame, shared, index: int) -> tuple[float | None, float | N
 
 
 def _to_hu(stored: np.ndarray, slope, intercept, padding, out_of_field_hu: float) -> np.ndarray:
-    """Stored values -> float32 HU, with padding and out-of-field pixels as air."""
+    """Stored values -> float32 HU, with padding and out-of-field pixels as air.
+
+    Raises Unusable ("non-finite-hu") when the slope or intercept is NaN or infinite,
+    or the HU overflow float32.
+    """
+    for name, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+        if value is not None and not math.isfinite(value):
+            raise Unusable("non-finite-hu", f"{name} is {value}: HU would not be finite")
     hu = stored.astype(np.float32)
     if slope is not None and slope != 1:
-        hu *= np.float32(slope)
+        with np.errstate(over="ignore", invalid="ignore"):
+            hu *= np.float32(slope)
+        if not np.isfinite(hu).all():
+            raise Unusable("non-finite-hu", f"RescaleSlope {slope} makes HU overflow")
     if intercept:
         hu += np.float32(intercept)
     outside = hu <= out_of_field_hu
@@ -470,21 +670,30 @@ def _native_pixels(ds: pydicom.Dataset) -> np.ndarray | None:
 
 
 def _as_stored(value, dtype) -> int:
-    """PixelPaddingValue as the stored pixel type (it is written with the pixel VR)."""
+    """PixelPaddingValue as the stored pixel type (it is written with the pixel VR).
+
+    A multi-valued padding (seen in archives as SS [-2000, -2000]) is taken when all
+    its values agree; otherwise Unusable names it.
+    """
     if isinstance(value, bytes):
         value = int.from_bytes(value[:2], "little", signed=np.dtype(dtype).kind == "i")
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        values = {int(v) for v in value}
+        if len(values) != 1:
+            raise Unusable("bad-header", f"PixelPaddingValue has several different values {sorted(values)}")
+        value = values.pop()
     return np.array(int(value)).astype(dtype)
 
 
-def _decode_reason(ds: pydicom.Dataset, exc: Exception) -> str:
-    """A short explanation of why pixel data could not be decoded."""
+def _decode_error(ds: pydicom.Dataset, exc: Exception) -> Unusable:
+    """Why pixel data could not be decoded, with its reason code."""
     syntax = ds.file_meta.get("TransferSyntaxUID")
     text = str(exc).split("\n")[0]
     if "less than expected" in text or "truncated" in text.lower():
-        return f"pixel data truncated ({text.split(' - ')[0]})"
+        return Unusable("truncated", f"pixel data truncated ({text.split(' - ')[0]})")
     if syntax is not None and syntax.is_compressed:
-        return f"cannot decode {syntax.name} pixel data ({text[:160]})"
-    return f"pixel data unreadable ({text[:160]})"
+        return Unusable("decode-failed", f"cannot decode {syntax.name} pixel data ({text[:160]})")
+    return Unusable("decode-failed", f"pixel data unreadable ({text[:160]})")
 
 
 def position_key(position: float | None) -> tuple[bool, float]:
@@ -495,19 +704,47 @@ def position_key(position: float | None) -> tuple[bool, float]:
     return position is None, 0.0 if position is None else position
 
 
-def merge_duplicates(frames: list[Frame]) -> list[Frame]:
-    """One Frame per image: files holding the same SOP instance (e.g. the same slice
-    stored uncompressed and as JPEG 2000) become `duplicates` of the first one,
-    tried in turn when the first cannot be decoded."""
-    first: dict[tuple[str, int], Frame] = {}
+def merge_duplicates(frames: list[Frame], out_of_field_hu: float = -1500.0) -> list[Frame]:
+    """One Frame per image: files holding the same image (same SOP instance, same
+    patient, same pixels; e.g. a slice stored uncompressed and as JPEG 2000) become
+    `duplicates` of the first one, tried in turn when the first cannot be decoded.
+
+    Files that share a SOP Instance UID but belong to another patient or hold other
+    pixels (archives and anonymisers do produce such collisions) are all kept, with a
+    warning. Only such collisions are decoded here (HU as `read_hu` gives them).
+    """
+    groups: dict[tuple[str, int], list[Frame]] = defaultdict(list)
     for frame in sorted(frames, key=lambda f: (f.path, f.frame)):
-        key = (frame.instance_uid, frame.frame)
-        if key in first:
-            if frame.path not in first[key].duplicates:
-                first[key].duplicates.append(frame.path)
-        else:
-            first[key] = frame
-    return list(first.values())
+        groups[(frame.instance_uid, frame.frame)].append(frame)
+    kept = []
+    for members in groups.values():
+        images: list[Frame] = []
+        for frame in members:
+            same = next((image for image in images if _same_image(image, frame, out_of_field_hu)), None)
+            if same is None:
+                images.append(frame)
+            elif frame.path not in same.duplicates:
+                same.duplicates.append(frame.path)
+        if len(images) > 1:
+            log.warning("%s: %d files share one SOP Instance UID but hold different images (another "
+                        "patient or other pixels); all are kept", ", ".join(relpath(f.path) for f in images),
+                        len(images), extra=TERMINAL_ONLY)
+        kept.extend(images)
+    return kept
+
+
+def _same_image(a: Frame, b: Frame, out_of_field_hu: float) -> bool:
+    """Whether frames `a` and `b` (same SOP instance) are one image: same patient, same
+    size and equal HU. When either cannot be decoded they count as one (the copy that
+    decodes is used, the other reported when tried)."""
+    if a.patient != b.patient or (a.rows, a.columns) != (b.rows, b.columns):
+        return False
+    try:
+        hu_a = read_hu(a.path, [a.frame], out_of_field_hu, a.layout)[0]
+        hu_b = read_hu(b.path, [b.frame], out_of_field_hu, b.layout)[0]
+    except ValueError:
+        return True
+    return bool(np.array_equal(hu_a, hu_b))
 
 
 def relpath(path: str) -> str:

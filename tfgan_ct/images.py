@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from tfgan_ct import resize, splits
 from tfgan_ct.config import Config, ConfigError
-from tfgan_ct.convert import (ConvertError, SliceResult, Summary, _pool, check_output, check_settings,
+from tfgan_ct.convert import (ConvertError, SliceResult, Summary, _pool, _skipped_text, check_output, check_settings,
                               manifest_dict, settings_entry, slice_records)
 from tfgan_ct.dicom_io import Skipped
 from tfgan_ct.fileio import atomic_write_text, staged_directory
@@ -75,7 +75,13 @@ MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "I", *_UINT16_MODES, *_TO_RGB
 
 
 class ImageError(ValueError):
-    """An image file that cannot be used; the message is the reason logged."""
+    """An image file that cannot be used; the message is the reason logged, `code` the
+    reason code it is counted by (`not-image`, `empty-file`, `corrupt-image`,
+    `unsupported-mode`, `too-large`)."""
+
+    def __init__(self, reason: str, code: str = "not-image"):
+        super().__init__(reason)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -128,9 +134,9 @@ def to_grey(image: Image.Image) -> np.ndarray:
     if mode in _UINT16_MODES or mode == "I":
         array = np.asarray(image).astype(np.float64)
         if mode == "I" and array.size and (array.min() < 0 or array.max() > 65535):
-            raise ImageError("unsupported image mode (32-bit integers beyond 0..65535)")
+            raise ImageError("unsupported image mode (32-bit integers beyond 0..65535)", "unsupported-mode")
         return array / 65535.0
-    raise ImageError(f"unsupported image mode ({mode})")
+    raise ImageError(f"unsupported image mode ({mode})", "unsupported-mode")
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
@@ -158,14 +164,14 @@ def read_grey(path: str | Path) -> np.ndarray:
         try:
             image.load()
         except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageError(f"truncated or corrupt image ({_short(exc)})") from None
+            raise ImageError(f"truncated or corrupt image ({_short(exc)})", "corrupt-image") from None
         return to_grey(image)
 
 
 def _open(path: str | Path) -> Image.Image:
     """Pillow image of `path` (frame 0, pixels not read yet); ImageError if not an image."""
     if os.path.getsize(path) == 0:
-        raise ImageError("empty file")
+        raise ImageError("empty file", "empty-file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -173,7 +179,7 @@ def _open(path: str | Path) -> Image.Image:
     except Image.UnidentifiedImageError:
         raise ImageError("not an image file (format not recognised)") from None
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image too large ({_short(exc)})") from None
+        raise ImageError(f"image too large ({_short(exc)})", "too-large") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"not an image file ({_short(exc)})") from None
 
@@ -252,16 +258,16 @@ def inspect(file: ImageFile) -> tuple[ImageFile, tuple[int, int], str] | Skipped
         with _open(file.path) as image:
             size, mode = (image.height, image.width), image.mode
             if mode not in MODES:
-                raise ImageError(f"unsupported image mode ({mode})")
+                raise ImageError(f"unsupported image mode ({mode})", "unsupported-mode")
             if image.format == "PNG":
                 try:
                     image.verify()
                 except (OSError, ValueError, SyntaxError) as exc:
-                    raise ImageError(f"truncated or corrupt image ({_short(exc)})") from None
+                    raise ImageError(f"truncated or corrupt image ({_short(exc)})", "corrupt-image") from None
     except ImageError as exc:
-        return Skipped(file.key, str(exc))
+        return Skipped(file.key, str(exc), exc.code)
     except OSError as exc:
-        return Skipped(file.key, f"unreadable file ({exc.strerror or exc})")
+        return Skipped(file.key, f"unreadable file ({exc.strerror or exc})", "unreadable")
     return file, size, mode
 
 
@@ -280,7 +286,8 @@ def scan_images(inputs, pool, cfg: Config, progress: bool) -> tuple[list[tuple],
         bar.update()
         if not isinstance(result, Skipped) and min(result[1]) < patch:
             height, width = result[1]
-            result = Skipped(result[0].key, f"image too small ({height}x{width}, one patch is {patch}x{patch})")
+            result = Skipped(result[0].key, f"image too small ({height}x{width}, one patch is {patch}x{patch})",
+                             "too-small")
         if isinstance(result, Skipped):
             _log_skipped(result)
             skipped.append(result)
@@ -291,7 +298,7 @@ def scan_images(inputs, pool, cfg: Config, progress: bool) -> tuple[list[tuple],
 
 
 def _log_skipped(item: Skipped) -> None:
-    log.warning("skipped %s: %s", item.path, item.reason)
+    log.warning("skipped %s: [%s] %s", item.path, item.code, item.reason)
 
 
 def plan_images(usable: list[tuple], cfg: Config, salt: str, split_csv: str | Path | None) -> list[ImagePlan]:
@@ -338,9 +345,9 @@ def process_image(task: _Task) -> tuple[int, list[bytes] | Skipped]:
     try:
         grey = read_grey(task.path)
     except ImageError as exc:
-        return task.index, Skipped(task.key, str(exc))
+        return task.index, Skipped(task.key, str(exc), exc.code)
     except OSError as exc:
-        return task.index, Skipped(task.key, f"unreadable file ({exc.strerror or exc})")
+        return task.index, Skipped(task.key, f"unreadable file ({exc.strerror or exc})", "unreadable")
     return task.index, slice_records(image_pair(grey, task.cfg.convert.scale), task.meta, task.cfg)
 
 
@@ -393,8 +400,8 @@ def convert_images(inputs: Iterable[str | Path], out: str | Path, cfg: Config,
     """
     start = time.perf_counter()
     check_settings(cfg)
-    out = check_output(out, overwrite)
     inputs = list(inputs)
+    out = check_output(out, overwrite, inputs, "a dataset")
     workers = workers or os.cpu_count() or 1
     salt = cfg.convert.salt or f"tfgan-ct:{cfg.convert.seed}"
     summary = Summary(out=out)
@@ -405,11 +412,11 @@ def convert_images(inputs: Iterable[str | Path], out: str | Path, cfg: Config,
         plans = plan_images(usable, cfg, salt, split_csv)
         where = ", ".join(map(str, inputs))
         if not plans:
-            raise ConvertError(f"no usable images found in {where} ({len(skipped)} file(s) skipped)")
+            raise ConvertError(f"no usable images found in {where}{_skipped_text(skipped)}")
         _log_plans(plans, skipped)
         shards = write_image_shards(plans, cfg, stage, pool, summary, progress)
         if not sum(summary.records.values()):
-            raise ConvertError(f"no usable images found in {where} ({len(summary.skipped)} file(s) skipped)")
+            raise ConvertError(f"no usable images found in {where}{_skipped_text(summary.skipped)}")
         summary.seconds = time.perf_counter() - start
         manifest = build_image_manifest(plans, shards, summary, cfg, split_csv)
         atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")

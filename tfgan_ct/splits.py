@@ -19,8 +19,13 @@ _ALIASES = {"train": "train", "training": "train", "validation": "validation", "
 
 
 def salted_hash(value: str, salt: str) -> str:
-    """16 hex digits of HMAC-SHA256(salt, value): a stable pseudonym for `value`."""
-    return hmac.new(salt.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+    """16 hex digits of HMAC-SHA256(salt, value): a stable pseudonym for `value`.
+
+    Text that came from file names which are not valid UTF-8 (Python keeps their
+    bytes as surrogates) is hashed by those bytes.
+    """
+    return hmac.new(salt.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"),
+                    hashlib.sha256).hexdigest()[:16]
 
 
 def parse_ratio(text: str) -> tuple[Fraction, Fraction, Fraction]:
