@@ -54,7 +54,39 @@ def config_options(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def error_message(exc: Exception) -> str | None:
+    """The one-line message for an error a command ended with; None for a programming
+    error, which keeps its traceback. The package's own errors say what is wrong; a
+    full disk and other operating-system errors are named with their file."""
+    from tfgan_ct.fileio import is_disk_full
+
+    if is_disk_full(exc):
+        where = getattr(exc, "filename", None)
+        return (f"disk full{f' writing {where}' if where else ''}: nothing half-written was kept; "
+                f"free some space and run the command again")
+    if type(exc).__module__.startswith("tfgan_ct."):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+    return None
+
+
+class _Commands(click.Group):
+    """The command group; errors of any command are turned into one line here, once."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated below, or re-raised
+            message = error_message(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="tfgan-ct")
 @click.option("-v", "--verbose", count=True, help="More log output.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
@@ -69,6 +101,7 @@ def _split_options(cfg, split: str | None, seed: int | None) -> None:
         cfg.convert.split = split
     if seed is not None:
         cfg.convert.seed = seed
+    cfg.validate()  # a ConfigError names --split's key and value
 
 
 @main.command()

@@ -91,21 +91,12 @@ class Summary:
 
 
 def check_settings(cfg: Config) -> None:
-    """Reject settings that cannot work (before any file is read)."""
-    c = cfg.convert
-    if c.scale != 4:  # the generator, the bicubic baseline and serving are all x4
-        raise ConfigError(f"convert.scale={c.scale}: only 4 is supported")
-    if c.salt == REDACTED_SALT:
+    """Reject settings that cannot work (before any file is read): every setting as on
+    loading (it may have been changed since), and a salt saved as a placeholder."""
+    cfg.validate()
+    if cfg.convert.salt == REDACTED_SALT:
         raise ConfigError("convert.salt: this configuration was saved without its secret salt; "
                           "pass the salt again with --set convert.salt=... (or leave it empty)")
-    for name in ("patch_size", "patch_stride"):
-        value = getattr(c, name)
-        if value <= 0 or value % c.scale:
-            raise ConfigError(f"convert.{name}={value}: must be a positive multiple of scale {c.scale}")
-    if c.shard_size <= 0:
-        raise ConfigError(f"convert.shard_size={c.shard_size}: must be positive")
-    if not 0 <= c.min_mask_fraction < 1:
-        raise ConfigError(f"convert.min_mask_fraction={c.min_mask_fraction}: must be in [0, 1)")
 
 
 def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality: str = "auto",
