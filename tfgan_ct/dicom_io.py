@@ -64,6 +64,9 @@ HEADER_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
 # The smallest image accepted (rows and columns): x4 needs at least 4x4 LR pixels, and
 # anything smaller than this is a localiser crop or a broken header, not a CT slice.
 MIN_SIZE = 16
+# The largest image side accepted: CT slices are 512-1024 pixels; more is a broken header
+# (and its decoding would allocate gigabytes).
+MAX_SIDE = 8192
 # Most frames accepted in one file: a CTP study stored as one enhanced object has a few
 # thousand; a header claiming millions is broken and would stall the header pass.
 MAX_FRAMES = 20_000
@@ -80,6 +83,7 @@ REASONS = {
     "not-grey": "not a grey-scale image",
     "bad-header": "a header value needed is missing, empty or malformed",
     "too-small": f"image smaller than {MIN_SIZE}x{MIN_SIZE}",
+    "too-large": f"image side larger than {MAX_SIDE}",
     "too-many-frames": f"more than {MAX_FRAMES} frames claimed",
     "size-mismatch": "the pixel data does not hold what the header claims",
     "truncated": "pixel data cut short",
@@ -305,11 +309,16 @@ def _check_usable(ds: pydicom.Dataset, path: Path) -> None:
     rows, columns, frames = _int(ds, "Rows"), _int(ds, "Columns"), _frame_count(ds)
     if rows < MIN_SIZE or columns < MIN_SIZE:
         raise Unusable("too-small", f"image too small ({rows}x{columns}; at least {MIN_SIZE}x{MIN_SIZE})")
+    if rows > MAX_SIDE or columns > MAX_SIDE:
+        raise Unusable("too-large", f"image too large ({rows}x{columns}; at most {MAX_SIDE} a side)")
     if frames > MAX_FRAMES:
         raise Unusable("too-many-frames", f"{frames} frames claimed (at most {MAX_FRAMES} are read)")
     bits = _int(ds, "BitsAllocated", 16)
     if bits not in (8, 16, 32):
         raise Unusable("bad-header", f"BitsAllocated {bits} (8, 16 or 32 expected)")
+    stored = _int(ds, "BitsStored", bits)
+    if not 1 <= stored <= bits:
+        raise Unusable("bad-header", f"BitsStored {stored} with BitsAllocated {bits}")
     _check_pixel_length(ds, path, frames * rows * columns * bits // 8)
 
 
@@ -345,6 +354,8 @@ def _check_pixel_length(ds: pydicom.Dataset, path: Path, expected: int) -> None:
     else:
         length = len(ds.PixelData or b"")
     syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and not syntax.is_transfer_syntax:
+        raise Unusable("decode-failed", f"unknown transfer syntax {syntax}")
     if length == 0xFFFFFFFF or (syntax is not None and syntax.is_compressed):  # encapsulated
         try:
             size = path.stat().st_size
