@@ -1,7 +1,17 @@
 """`tfgan-ct upscale`: DICOM series in, derived x4 DICOM series (or PNG / npy) out."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -70,8 +80,12 @@ def test_outside_window_policies():
 def test_real_files_broken_and_multiframe_reported(shared_data, cfg, tmp_path, caplog):
     summary = upscale.upscale([shared_data / "dicom"], tmp_path, inference.bicubic(), cfg, progress=False)
     reasons = {p.split("/")[-1]: r for p, r in ((s.path, s.reason) for s in summary.skipped)}
-    # The truncated files hold the same image as 693_UNCR (same SOP instance): that copy is used.
-    assert set(reasons) == {"not_dicom.dcm", "pydicom-data_eCT_Supplemental.dcm"}
+    # The truncated files hold the same image as 693_UNCR (same SOP instance): that copy is used,
+    # and they are reported as truncated when the header pass already sees that.
+    truncated = {"truncated_header.dcm", "truncated_pixeldata.dcm"}
+    assert {"not_dicom.dcm", "pydicom-data_eCT_Supplemental.dcm"} <= set(reasons) \
+        <= {"not_dicom.dcm", "pydicom-data_eCT_Supplemental.dcm", *truncated}
+    assert all("truncated" in reasons[name] for name in truncated & set(reasons))
     assert "multi-frame" in reasons["pydicom-data_eCT_Supplemental.dcm"]
     assert all(caplog.text.count(name) == 1 for name in reasons)
     written = dicoms(tmp_path)
@@ -125,7 +139,8 @@ def test_interrupted_series_leaves_nothing_that_looks_complete(phantom_dir, cfg,
 
 
 def test_nothing_usable(shared_data, cfg, tmp_path):
-    with pytest.raises(upscale.UpscaleError, match="no series could be upscaled .3 file"):
+    with pytest.raises(upscale.UpscaleError,
+                       match=r"(no series could be upscaled|no usable CT images in the input) .3 file"):
         upscale.upscale([shared_data / "dicom" / "bad"], tmp_path, inference.bicubic(), cfg, progress=False)
 
 
@@ -201,15 +216,16 @@ def test_single_valued_image_type(shared_data, cfg, tmp_path):
     assert pydicom.dcmread(src).ImageType == "ORIGINAL"
     upscale.upscale([src], tmp_path / "out", inference.bicubic(), cfg, window=WIDE, progress=False)
     out = pydicom.dcmread(dicoms(tmp_path / "out")[0])
-    assert list(out.ImageType) == ["DERIVED", "SECONDARY"]
+    assert list(out.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]  # the CT Image module needs value 3
 
 
 def test_npy_sidecar_names_each_slice_and_the_ones_left_out(shared_data, cfg, tmp_path):
     series = sorted((shared_data / "dicom" / "chest-series").glob("*.dcm"))
     folder = tmp_path / "in"
     copies = [_copy(p, folder / p.name) for p in series]
-    data = copies[1].read_bytes()
-    copies[1].write_bytes(data[: len(data) // 2])  # pixel data cut: this slice cannot be read
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid DS value
+        _copy(series[1], copies[1], RescaleSlope="NaN")  # its HU cannot be computed: left out
     summary = upscale.upscale([folder], tmp_path / "out", inference.bicubic(), cfg, fmt="npy", window=WIDE,
                               progress=False)
     assert [s.path.split("/")[-1] for s in summary.skipped] == [copies[1].name]
@@ -268,3 +284,403 @@ def test_legacy_acr_nema_geometry_and_uids(shared_data, cfg, tmp_path):
         np.testing.assert_allclose(np.array(out.ImagePositionPatient, float), expected, atol=1e-3)
         assert float(out.PixelSpacing[0]) == pytest.approx(spacing / 4)
         assert not any(elem.tag.element == 0 for elem in out)  # no stale ACR-NEMA group lengths
+
+
+# --- Validity of the derived DICOM, checked with dciodvfy (dicom3tools) ---------------------------
+
+DCIODVFY = shutil.which("dciodvfy")
+needs_dciodvfy = pytest.mark.skipif(
+    DCIODVFY is None, reason="dciodvfy not installed (Debian package dicom3tools): the derived DICOM "
+                             "cannot be checked against the standard here")
+SAMPLE_GROUPS = ("head-ncct", "cta", "chest-series", "legacy")
+
+
+def _normalised(line: str) -> str:
+    """A dciodvfy line without the values that legitimately differ between source and output."""
+    line = re.sub(r"<[^>]*>", "<>", line)          # element values
+    line = re.sub(r"\[\d+\]", "[]", line)          # value index
+    return re.sub(r"= \d+, expected", "= n, expected", line)  # lengths of values
+
+
+def _dciodvfy_errors(path: Path) -> set[str]:
+    """The normalised "Error" lines dciodvfy reports for DICOM file `path`."""
+    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
+    return {_normalised(line) for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")}
+
+
+def _source_errors(path: Path, tmp_path: Path) -> set[str]:
+    """dciodvfy errors of a source file. A source without SOP class (old ACR-NEMA) is not checked
+    against any IOD by dciodvfy, so its errors under the CT Image IOD are taken from a copy that
+    only gains the CT SOP class and a file meta header: what it lacks then is its own."""
+    errors = _dciodvfy_errors(path)
+    ds = dicom_io.read_dataset(path, pixels=True)
+    if "SOPClassUID" not in ds:
+        ds.SOPClassUID = upscale.CT_IMAGE_STORAGE
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = \
+            ds.SOPClassUID, ds.SOPInstanceUID
+        copy = tmp_path / f"{path.stem}-as-ct.dcm"
+        ds.save_as(copy, enforce_file_format=True)
+        errors |= _dciodvfy_errors(copy)
+    return errors
+
+
+def _assert_valid_derived(output: Path, source: Path, tmp_path: Path) -> None:
+    """No dciodvfy error in `output` that `source` does not have, and none of the kinds upscale fixes."""
+    errors = _dciodvfy_errors(output)
+    new = errors - _source_errors(source, tmp_path)
+    assert not new, f"{output.name} (from {source.name}): new dciodvfy errors:\n" + "\n".join(sorted(new))
+    fixed_kinds = ("Type 1 Required", "Type 2 Required", "ImageType", " DA ", " TM ", " DT ")
+    assert not [e for e in errors if any(kind in e for kind in fixed_kinds)], sorted(errors)
+
+
+@needs_dciodvfy
+@pytest.mark.slow
+@pytest.mark.parametrize("group", SAMPLE_GROUPS)
+def test_derived_dicom_of_real_samples_passes_dciodvfy(shared_data, cfg, tmp_path, group):
+    """Each real sample upscaled on its own: dciodvfy finds nothing new in the derived image."""
+    sources = sorted((shared_data / "dicom" / group).glob("*.dcm"))
+    assert sources
+    for index, source in enumerate(sources):
+        out = tmp_path / f"out{index}"
+        summary = upscale.upscale([source], out, inference.bicubic(), cfg, window=WIDE, progress=False)
+        assert summary.images == 1 and not summary.skipped
+        [derived] = dicoms(out)
+        _assert_valid_derived(derived, source, tmp_path)
+
+
+@needs_dciodvfy
+@pytest.mark.slow
+def test_derived_dicom_of_the_phantom_passes_dciodvfy(phantom_dir, cfg, tmp_path):
+    source_dir = phantom_dir / "patient00" / "01_ncct"
+    upscale.upscale([source_dir], tmp_path / "out", inference.bicubic(), cfg, window=WIDE, progress=False)
+    sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in source_dir.glob("*.dcm")}
+    outputs = dicoms(tmp_path / "out")
+    assert len(outputs) == len(sources)
+    for path in outputs:
+        source = sources[pydicom.dcmread(path, stop_before_pixels=True).SourceImageSequence[0]
+                         .ReferencedSOPInstanceUID]
+        assert not _dciodvfy_errors(source)  # the phantom is valid: so must its upscale be
+        _assert_valid_derived(path, source, tmp_path)
+
+
+@needs_dciodvfy
+@pytest.mark.slow
+def test_no_image_type_and_invalid_dates_are_fixed_never_invented(shared_data, cfg, tmp_path):
+    src = tmp_path / "in" / "im.dcm"
+    ds = pydicom.dcmread(shared_data / "dicom" / "head-ncct" / "pydicom-data_693_UNCR.dcm")
+    del ds.ImageType
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid values; it writes them anyway
+        ds.StudyDate, ds.StudyTime = "2023-13-45", "abc"            # type 2: become empty
+        ds.AcquisitionDate, ds.AcquisitionTime = "abc", "25:61:00"  # type 3: left out
+        ds.SeriesDate, ds.SeriesTime = "2001.02.03", "10:52:34.5"   # ACR-NEMA forms: rewritten
+        ds.PatientBirthDate = "19990231"                            # no such day: empty
+        ds.AcquisitionDateTime = "20230230101010"                   # DT, no such day: left out
+    src.parent.mkdir()
+    ds.save_as(src)
+    upscale.upscale([src], tmp_path / "out", inference.bicubic(), cfg, window=WIDE, progress=False)
+    [path] = dicoms(tmp_path / "out")
+    out = pydicom.dcmread(path)
+    assert list(out.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    assert out.StudyDate == "" and out.StudyTime == "" and out.PatientBirthDate == ""
+    assert "StudyDate" in out and "PatientBirthDate" in out
+    for keyword in ("AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime"):
+        assert keyword not in out
+    assert (out.SeriesDate, out.SeriesTime) == ("20010203", "105234.5")
+    errors = _dciodvfy_errors(path)
+    assert not [e for e in errors if any(k in e for k in ("ImageType", " DA ", " TM ", " DT "))], errors
+
+
+def test_source_image_type_values_3_and_on_are_kept(shared_data, cfg, tmp_path):
+    src = _copy(shared_data / "dicom" / "head-ncct" / "pydicom-data_693_UNCR.dcm", tmp_path / "in" / "im.dcm",
+                ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER", "EXTRA"])
+    upscale.upscale([src], tmp_path / "out", inference.bicubic(), cfg, window=WIDE, progress=False)
+    out = pydicom.dcmread(dicoms(tmp_path / "out")[0])
+    assert list(out.ImageType) == ["DERIVED", "SECONDARY", "LOCALIZER", "EXTRA"]
+
+
+# --- Never an output that cannot be read back; no upscale of non-finite HU ----------------------------
+
+def _broken_copy(shared_data, folder: Path, **changes) -> Path:
+    """A copy of the real 693_UNCR slice in `folder` with header `changes` (possibly invalid values)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(shared_data / "dicom" / "head-ncct" / "pydicom-data_693_UNCR.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about invalid values (NaN)
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value)
+    ds.save_as(folder / "im.dcm")
+    return folder / "im.dcm"
+
+
+def _assert_named_skip_and_nothing_written(summary_or_error, path: Path, out: Path, caplog, *words) -> None:
+    assert caplog.text.count(str(dicom_io.relpath(str(path)))) == 1, caplog.text
+    line = next(line for line in caplog.text.splitlines() if "skipped" in line and path.name in line)
+    assert all(word in line for word in words), line
+    assert "Traceback" not in caplog.text
+    assert not list(out.glob("**/*.dcm")) and not list(out.glob(".*"))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"Rows": 0}, ()),
+    ({"RescaleSlope": "NaN"}, ("finite",)),
+    ({"RescaleIntercept": "inf"}, ("finite",)),
+], ids=["rows-0", "nan-slope", "inf-intercept"])
+def test_unreadable_or_non_finite_source_is_a_named_skip(shared_data, cfg, tmp_path, caplog, changes, words):
+    src = _broken_copy(shared_data, tmp_path / "in", **changes)
+    with pytest.raises(upscale.UpscaleError) as info:
+        upscale.upscale([src.parent], tmp_path / "out", inference.bicubic(), cfg, window=WIDE, progress=False)
+    assert "1 file(s) skipped" in str(info.value)
+    _assert_named_skip_and_nothing_written(info, src, tmp_path / "out", caplog, *words)
+
+
+def test_non_finite_hu_and_model_output_are_refused(cfg):
+    hu = np.zeros((16, 16), np.float32)
+    method = inference.bicubic()
+    assert upscale._super_resolve_checked(method, hu, WIDE, "bicubic", 0, 0).shape == (64, 64)
+    hu[3, 4] = np.nan
+    with pytest.raises(ValueError, match="source image has 1 non-finite"):
+        upscale._super_resolve_checked(method, hu, WIDE, "bicubic", 0, 0)
+    with pytest.raises(ValueError, match="source image is empty"):
+        upscale._super_resolve_checked(method, np.zeros((0, 16), np.float32), WIDE, "bicubic", 0, 0)
+
+
+def _diverged(method: inference.Method) -> inference.Method:
+    """`method` with one output pixel NaN and one +inf: a model whose weights went bad."""
+    def predict(lr):
+        sr = method.predict(lr).copy()
+        sr[:, 5, 7, 0], sr[:, 9, 2, 0] = np.nan, -np.inf
+        return sr
+
+    return inference.Method("diverged", predict, method.scale, {"method": "diverged"})
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "npy"])
+def test_non_finite_model_output_is_a_named_skip(phantom_dir, cfg, tmp_path, caplog, fmt):
+    source_dir = phantom_dir / "patient00" / "01_ncct"
+    with pytest.raises(upscale.UpscaleError, match="no series could be upscaled"):
+        upscale.upscale([source_dir], tmp_path / "out", _diverged(inference.bicubic()), cfg, fmt=fmt,
+                        window=Window(40, 80), outside="clip", progress=False)
+    for path in source_dir.glob("*.dcm"):
+        [line] = [line for line in caplog.text.splitlines() if path.name in line]
+        assert "model output has 2 non-finite" in line
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_written_dicom_is_read_back_before_it_counts(shared_data, cfg, tmp_path):
+    """_write_dicom reads its file back: pixels that do not survive the round trip are not written."""
+    src = shared_data / "dicom" / "head-ncct" / "pydicom-data_693_UNCR.dcm"
+    uids = upscale._Uids(series="1.2.3", frame_of_reference="1.2.4", study="1.2.5")
+    target = tmp_path / "IM00001.dcm"
+    upscale._write_dicom(str(src), np.full((64, 64), 40.0, np.float32), target, uids, inference.bicubic(), WIDE)
+    assert pydicom.dcmread(target).pixel_array.shape == (64, 64)
+    with pytest.raises(ValueError, match="does not read back"):
+        upscale._write_dicom(str(src), np.zeros((0, 64), np.float32), tmp_path / "IM00002.dcm", uids,
+                             inference.bicubic(), WIDE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["IM00001.dcm"]  # no temporary file left
+
+
+def test_two_valued_pixel_padding_is_upscaled_or_skipped_with_a_reason(shared_data, cfg, tmp_path, caplog):
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(shared_data / "dicom" / "head-ncct" / "pydicom-data_693_UNCR.dcm")
+    ds["PixelPaddingValue"] = DataElement(0x00280120, "SS", [-2000, -2000])
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "im.dcm")
+    try:
+        summary = upscale.upscale([tmp_path / "in"], tmp_path / "out", inference.bicubic(), cfg, window=WIDE,
+                                  progress=False)
+    except upscale.UpscaleError:
+        [line] = [line for line in caplog.text.splitlines() if "im.dcm" in line]
+        assert "skipped" in line and "PixelPadding" in line
+    else:
+        assert summary.images == 1
+        out = pydicom.dcmread(dicoms(tmp_path / "out")[0])
+        assert "PixelPaddingValue" not in out and out.pixel_array.shape == (2048, 2048)
+    assert "Traceback" not in caplog.text
+
+
+# --- --overwrite replaces only what upscale made -------------------------------------------------------
+
+def _series_snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_an_out_that_holds_the_input(shared_data, cfg, tmp_path):
+    source = shared_data / "dicom" / "chest-series" / "dcmqi_ct-3slice_01.dcm"
+    out = tmp_path / "out"
+    [series] = upscale.upscale([source], out, inference.bicubic(), cfg, fmt="png", progress=False).series
+    # The source itself put into its own output series folder, then upscaled from there with --overwrite.
+    inside = series / "source.dcm"
+    shutil.copyfile(source, inside)
+    before = _series_snapshot(out)
+    with pytest.raises(upscale.UpscaleError, match=r"holds the input .*source\.dcm.*outside the input"):
+        upscale.upscale([inside], out, inference.bicubic(), cfg, fmt="png", overwrite=True, progress=False)
+    assert _series_snapshot(out) == before
+
+    # --out the input folder itself: the second run would read its own output and replace it.
+    folder = tmp_path / "scans"
+    _copy(source, folder / source.name)
+    upscale.upscale([folder], folder, inference.bicubic(), cfg, fmt="png", progress=False)
+    before = _series_snapshot(folder)
+    result = CliRunner().invoke(main, ["upscale", str(folder), "--out", str(folder), "--model", "bicubic",
+                                       "--format", "png", "--overwrite", "--no-progress",
+                                       "--config", str(SMALL_CONFIG)])
+    assert result.exit_code != 0 and "holds the input" in result.output and "Traceback" not in result.output
+    assert _series_snapshot(folder) == before
+
+
+def test_check_replaceable_protects_an_input_inside_the_series_folder(shared_data, tmp_path):
+    """The per-folder check (the run-level one above fires first for inputs under --out)."""
+    from tfgan_ct import fileio
+
+    folder = tmp_path / "001_x4"
+    folder.mkdir()
+    source = shutil.copyfile(shared_data / "dicom" / "chest-series" / "dcmqi_ct-3slice_01.dcm",
+                             folder / "IM00001.dcm")
+    with pytest.raises(fileio.OutputError, match="holds the input"):
+        fileio.check_replaceable(folder, upscale._inputs_under(folder, [Path(source).resolve()]),
+                                 upscale._is_our_series, "a series folder of upscale")
+    assert not upscale._is_our_series(folder)  # named like ours, but not derived by tfgan-ct
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "IM00009.dcm", "sub/"])
+def test_overwrite_refuses_a_series_folder_with_foreign_files(shared_data, cfg, tmp_path, foreign):
+    source = shared_data / "dicom" / "chest-series" / "dcmqi_ct-3slice_01.dcm"
+    out = tmp_path / "out"
+    [series] = upscale.upscale([source], out, inference.bicubic(), cfg, window=WIDE, progress=False).series
+    assert upscale._is_our_series(series)
+    if foreign.endswith("/"):
+        (series / foreign).mkdir()
+    elif foreign.endswith(".dcm"):
+        shutil.copyfile(source, series / foreign)  # a DICOM named like ours that tfgan-ct did not derive
+    else:
+        (series / foreign).write_text("the radiologist's notes\n")
+    before = _series_snapshot(out)
+    with pytest.raises(upscale.UpscaleError,
+                       match="^nothing written: .*not a series folder of upscale made by tfgan-ct"):
+        upscale.upscale([source], out, inference.bicubic(), cfg, window=WIDE, overwrite=True, progress=False)
+    assert _series_snapshot(out) == before and (series / foreign.rstrip("/")).exists()
+    assert not list(out.glob(".*"))
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "png", "npy"])
+def test_overwrite_replaces_its_own_series_folder(phantom_dir, cfg, tmp_path, fmt):
+    source_dir = phantom_dir / "patient00" / "01_ncct"
+    first = upscale.upscale([source_dir], tmp_path, inference.bicubic(), cfg, fmt=fmt, progress=False)
+    assert upscale._is_our_series(first.series[0])
+    again = upscale.upscale([source_dir], tmp_path, inference.bicubic(), cfg, fmt="dicom", overwrite=True,
+                            progress=False)
+    assert again.series == first.series and len(dicoms(tmp_path)) == again.images
+
+
+# --- Disk full ---------------------------------------------------------------------------------------
+
+def test_disk_full_is_one_line_and_leaves_nothing_half_written(phantom_dir, tmp_path, monkeypatch):
+    """A full disk cannot be made safely in a test: the DICOM writer is made to fail as a full disk
+    does (half a file written, then OSError ENOSPC) on the third image of the second series."""
+    sources = [phantom_dir / "patient00" / "01_ncct", phantom_dir / "patient01" / "01_ncct"]
+    writes = []
+    real_save = pydicom.dataset.Dataset.save_as
+
+    def save_as(ds, filename, *args, **kwargs):
+        writes.append(filename)
+        if len(writes) == 4 + 3:  # 4 images in the first series
+            Path(filename).write_bytes(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+        return real_save(ds, filename, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "save_as", save_as)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["upscale", *map(str, sources), "--out", str(out), "--model", "bicubic",
+                                       "--no-progress", "--config", str(SMALL_CONFIG)])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    [line] = [line for line in result.output.splitlines() if "no space left" in line]
+    assert "incomplete series was removed" in line and "1 series written before it are complete" in line
+    assert result.output.count("no space left") == 1
+    # The first series is complete; of the second nothing remains, not even its staging.
+    [complete] = [p for p in out.iterdir()]
+    assert len(list(complete.glob("*.dcm"))) == 4 and not list(out.glob(".*"))
+    for path in complete.glob("*.dcm"):
+        assert pydicom.dcmread(path).pixel_array.shape == (512, 512)
+
+
+# --- Interrupted runs --------------------------------------------------------------------------------
+
+def test_stale_staging_in_out_is_removed_at_start(phantom_dir, cfg, tmp_path, caplog):
+    """A killed run's staging (here: one of a process that no longer exists) in --out goes first."""
+    from tfgan_ct import fileio
+
+    out = tmp_path / "out"
+    dead_pid = 2 ** 22  # above Linux's largest pid_max (and macOS's): no process has it
+    stale = out / f".other_series_x4.partial-{fileio._host()}-{dead_pid}-abc"
+    stale.mkdir(parents=True)
+    (stale / "IM00001.dcm").write_bytes(b"identified pixels")
+    upscale.upscale([phantom_dir / "patient00" / "01_ncct"], out, inference.bicubic(), cfg, fmt="png",
+                    progress=False)
+    assert not stale.exists() and not list(out.glob(".*"))
+    assert f"removed {stale}" in caplog.text
+
+
+def _upscale_command(source: Path, out: Path, models: Path) -> list[str]:
+    return [sys.executable, "-m", "tfgan_ct.cli", "upscale", str(source), "--out", str(out),
+            "--models-dir", str(models), "--model", "ncct", "--tile", "8", "--tile-pad", "4",
+            "--no-progress", "--config", str(SMALL_CONFIG)]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _comparable(path: Path) -> tuple[np.ndarray, dict]:
+    """Pixels and the attributes of a derived image that two runs must share (not its UIDs or
+    creation date and time)."""
+    ds = pydicom.dcmread(path)
+    varying = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime"}
+    attributes = {elem.keyword or str(elem.tag): elem.value for elem in ds
+                  if elem.VR != "UI" and elem.keyword not in varying and elem.keyword != "PixelData"}
+    return ds.pixel_array, attributes
+
+
+@pytest.mark.slow
+def test_killed_upscale_leaves_no_staging_after_the_next_run(phantom_dir, tiny_export, tmp_path):
+    """SIGKILL while a series is being written, run again: no staging left, and the output is the
+    one an uninterrupted run writes (pixels and non-UID attributes)."""
+    source = phantom_dir / "patient00" / "02_ctp"  # 12 images in one series
+    out = tmp_path / "out"
+    command = _upscale_command(source, out, tiny_export)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob(".*.partial-*/IM*.dcm")):
+            assert process.poll() is None, "upscale ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no staging folder with images appeared"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert list(out.glob(".*.partial-*/IM*.dcm")), "the killed run left no staging (test premise)"
+    assert not [p for p in out.iterdir() if not p.name.startswith(".")]
+
+    again = _run(command)
+    assert "left by an interrupted run" in again.stderr
+    assert not list(out.glob(".*"))
+    _run(_upscale_command(source, tmp_path / "reference", tiny_export))
+    [series] = list(out.iterdir())
+    [reference] = list((tmp_path / "reference").iterdir())
+    assert series.name == reference.name
+    names = sorted(p.name for p in series.iterdir())
+    assert names == sorted(p.name for p in reference.iterdir()) and len(names) == 12
+    for name in names:
+        pixels, attributes = _comparable(series / name)
+        ref_pixels, ref_attributes = _comparable(reference / name)
+        np.testing.assert_array_equal(pixels, ref_pixels)
+        assert attributes == ref_attributes

@@ -6,9 +6,15 @@ and gets
 
 - 4x Rows and Columns, PixelSpacing / 4, ImagePositionPatient moved to the
   centre of the new top-left pixel;
-- new Series and SOP Instance UIDs, ImageType DERIVED\\SECONDARY, a
-  SeriesDescription and DerivationDescription naming the model and version,
-  a SourceImageSequence pointing at each source image;
+- new Series and SOP Instance UIDs, ImageType DERIVED\\SECONDARY and the
+  source's values 3 and on (AXIAL when it has none: the CT Image IOD needs a
+  third value), a SeriesDescription and DerivationDescription naming the model
+  and version, a SourceImageSequence pointing at each source image;
+- the source's dates and times where they are valid DICOM; old ACR-NEMA forms
+  (`1999.05.05`, `10:52:34`) rewritten as DICOM; any other invalid value left
+  empty (type 2 attributes: StudyDate, StudyTime, PatientBirthDate) or left
+  out, never replaced by an invented date; the type 2 attributes of the CT
+  Image IOD that the source lacks added empty;
 - signed 16-bit HU pixels (RescaleSlope 1, RescaleIntercept 0), uncompressed
   (Explicit VR Little Endian), and the model's window as WindowCenter/Width;
 - no private tags (they describe the source pixels, not these).
@@ -22,7 +28,17 @@ keeps the model's output everywhere, clipped to the window.
 `--format png` writes windowed 8-bit PNGs and `--format npy` one float32 HU
 array [slices, 4h, 4w] per series, for quick looks, with `slices.json` naming
 the source image of each array index and the images left out. Every series
-is written in a hidden staging folder and renamed when complete.
+is written in a hidden staging folder and renamed when complete; each DICOM
+written is read back (header and pixels) before that, and a source image with
+non-finite HU, a model output that is not finite or a DICOM that does not read
+back is skipped with the reason. Staging left in `--out` by an interrupted run
+is removed at the start. A disk that fills up stops the run with one line; the
+incomplete series is removed, the series written before it stay.
+
+`--overwrite` replaces only series folders this command wrote (every file in
+them an image, array or sidecar of `upscale`, the DICOM derived by tfgan-ct),
+never a folder that holds an input, and a run whose `--out` holds an input
+replaces nothing.
 
 Each series' folder is named after its source series, never with an
 identifier in clear: `<SeriesNumber>_<description>_<hash>_x4`, the hash being
@@ -56,7 +72,8 @@ from tqdm import tqdm
 
 from tfgan_ct import dicom_io, inference, resize
 from tfgan_ct.config import Config, Window
-from tfgan_ct.fileio import atomic_write_bytes, atomic_write_text, staged_directory
+from tfgan_ct.fileio import (OutputError, atomic_write_bytes, atomic_write_text, check_replaceable,
+                             is_disk_full, remove_stale_staging, staged_directory)
 from tfgan_ct.version import __version__
 
 log = logging.getLogger(__name__)
@@ -68,6 +85,13 @@ _DROP = ("PixelPaddingValue", "PixelPaddingRangeLimit", "SmallestImagePixelValue
          "PixelData")
 # Retired ACR-NEMA geometry: converted to the modern tags (or dropped), never copied as is.
 _RETIRED_GEOMETRY = ("ImagePosition", "ImageOrientation", "Location", "ImageLocation")
+# Type 2 attributes of the CT Image IOD (PS3.3 A.3): present, possibly empty. Added empty when missing.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator", "Manufacturer",
+          "InstanceNumber", "SliceThickness", "KVP", "AcquisitionNumber")
+# What DerivationDescription of every DICOM upscale writes starts with; recognises our series folders.
+_DERIVATION = "Super-resolved x"
+_OUR_FILES = re.compile(r"IM\d{5}\.(?:dcm|png)|sr_hu\.npy|slices\.json")
 
 
 class UpscaleError(RuntimeError):
@@ -83,6 +107,7 @@ class Summary:
     skipped: list[dicom_io.Skipped] = field(default_factory=list)
     existing: list[Path] = field(default_factory=list)  # series left out: output exists, no --overwrite
     failed: list[str] = field(default_factory=list)     # series left out for another reason (one line each)
+    refused: list[str] = field(default_factory=list)    # --overwrite would replace what is not ours (why)
 
 
 def model_window(method: inference.Method, cfg: Config, override: Window | None = None) -> Window:
@@ -106,9 +131,13 @@ def model_window(method: inference.Method, cfg: Config, override: Window | None 
 
 def super_resolve_hu(method: inference.Method, hu: np.ndarray, window: Window, outside: str = "bicubic",
                      tile: int = 0, tile_pad: int = 16) -> np.ndarray:
-    """HU image [h, w] -> float32 HU [4h, 4w] through the model's [0, 1] window."""
+    """HU image [h, w] -> float32 HU [4h, 4w] through the model's [0, 1] window.
+
+    Raises ValueError when the model's output is not finite (a diverged model), before clipping
+    could hide an infinity.
+    """
     unit = np.clip((hu - window.floor) / window.width, 0.0, 1.0).astype(np.float32)
-    sr = np.clip(inference.upscale_image(method, unit, tile, tile_pad), 0.0, 1.0)
+    sr = np.clip(_checked(inference.upscale_image(method, unit, tile, tile_pad), "model output"), 0.0, 1.0)
     sr_hu = sr * np.float32(window.width) + np.float32(window.floor)
     if outside == "bicubic":
         bicubic = resize.upscale(hu, method.scale).astype(np.float32)
@@ -126,23 +155,29 @@ def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt:
     if fmt not in FORMATS:
         raise UpscaleError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     window = model_window(method, cfg, window)
+    out = Path(out)
+    remove_stale_staging(out)  # before reading: a killed run's images must not become inputs; logs each
     summary = Summary()
-    series = _find_series(inputs, summary)
+    series, files = _find_series(inputs, summary)
     if not series:
         raise UpscaleError("no usable CT images in the input" +
                            (f" ({len(summary.skipped)} file(s) skipped)" if summary.skipped else ""))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    total = sum(len(f) for f in series.values())
-    bar = tqdm(total=total, desc="upscaling", unit="slice", disable=not progress)
     names = _folder_names(series)
+    inputs = [Path(p).resolve() for p in [*inputs, *files]]
+    if overwrite:
+        _check_out_holds_no_input(out, [out / name for name in names.values()], inputs)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UpscaleError(f"cannot make the output folder {out}: {exc.strerror or exc}") from None
+    total = sum(len(f) for f in series.values())
     study_uids: dict[tuple, str] = {}
-    for key, frames in series.items():
-        folder = _write_series(frames, out / names[key], method, cfg, fmt, window, outside, tile, tile_pad,
-                               overwrite, summary, bar, study_uids)
-        if folder is not None:
-            summary.series.append(folder)
-    bar.close()
+    with tqdm(total=total, desc="upscaling", unit="slice", disable=not progress) as bar:
+        for key, frames in series.items():
+            folder = _write_series(frames, out / names[key], method, cfg, fmt, window, outside, tile, tile_pad,
+                                   overwrite, summary, bar, study_uids, inputs)
+            if folder is not None:
+                summary.series.append(folder)
     if not summary.series:
         raise UpscaleError(_nothing_written(summary, out))
     return summary
@@ -150,6 +185,8 @@ def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt:
 
 def _nothing_written(summary: Summary, out: Path) -> str:
     """Why no series was written, for the final error."""
+    if summary.refused and not summary.failed and not summary.existing:
+        return "nothing written: " + "\n  ".join(summary.refused)
     if summary.existing and not summary.failed:
         names = ", ".join(p.name for p in summary.existing[:5]) + (" ..." if len(summary.existing) > 5 else "")
         return (f"nothing written: the output of every series already exists in {out} ({names}); "
@@ -157,11 +194,48 @@ def _nothing_written(summary: Summary, out: Path) -> str:
     parts = [f"{len(summary.skipped)} file(s) skipped"]
     if summary.existing:
         parts.append(f"{len(summary.existing)} series already in {out} (use --overwrite to replace them)")
+    if summary.refused:
+        parts.append(f"{len(summary.refused)} series folder(s) not replaced")
     message = f"no series could be upscaled ({'; '.join(parts)})"
-    return message + "".join(f"\n  {line}" for line in summary.failed)
+    return message + "".join(f"\n  {line}" for line in [*summary.failed, *summary.refused])
 
 
-def _find_series(inputs, summary: Summary) -> dict[tuple[str, str], list[dicom_io.Frame]]:
+def _check_out_holds_no_input(out: Path, finals: list[Path], inputs: list[Path]) -> None:
+    """With --overwrite: refuse an `--out` that holds an input (resolved `inputs`) when a series
+    folder in it exists and would be replaced (e.g. an earlier output read again as input)."""
+    if not any(final.exists() for final in finals):
+        return
+    real = out.resolve()
+    for item in inputs:
+        if item == real or real in item.parents:
+            raise UpscaleError(f"{out} holds the input {item}; --overwrite would replace series folders in "
+                               f"it: choose an output folder outside the input (nothing was written)")
+
+
+def _is_our_series(folder: Path) -> bool:
+    """Whether every entry of `folder` is a file `upscale` writes: IM*.dcm derived by tfgan-ct
+    (its DerivationDescription), IM*.png, sr_hu.npy or slices.json. Recognised from the files
+    themselves, so no marker file lands in a folder a PACS may import."""
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not entry.is_file() or not _OUR_FILES.fullmatch(entry.name):
+            return False
+        if entry.suffix == ".dcm" and not _derived_by_us(entry):
+            return False
+    return True
+
+
+def _derived_by_us(path: Path) -> bool:
+    """Whether DICOM file `path` is one `upscale` wrote (header only)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["DerivationDescription"])
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+    text = str(ds.get("DerivationDescription", "") or "")
+    return text.startswith(_DERIVATION) and " by tfgan-ct " in text
+
+
+def _find_series(inputs, summary: Summary) -> tuple[dict[tuple[str, str], list[dicom_io.Frame]], list[Path]]:
+    """CT frames of `inputs` grouped by (patient, series) and sorted, and every input file found."""
     try:
         paths = list(dicom_io.iter_files(inputs))
     except FileNotFoundError as exc:
@@ -178,7 +252,7 @@ def _find_series(inputs, summary: Summary) -> dict[tuple[str, str], list[dicom_i
         groups[(frame.patient, frame.series)].append(frame)
     for members in groups.values():
         members.sort(key=lambda f: (f.instance, dicom_io.position_key(f.position), f.time, f.path, f.frame))
-    return dict(sorted(groups.items()))
+    return dict(sorted(groups.items())), paths
 
 
 def _skip(summary: Summary, path: str, reason: str) -> None:
@@ -189,30 +263,58 @@ def _skip(summary: Summary, path: str, reason: str) -> None:
 
 
 def _write_series(frames, final: Path, method, cfg: Config, fmt: str, window: Window, outside: str,
-                  tile: int, tile_pad: int, overwrite: bool, summary: Summary, bar, study_uids: dict):
+                  tile: int, tile_pad: int, overwrite: bool, summary: Summary, bar, study_uids: dict,
+                  inputs: list[Path]):
     """Write one series in a staging folder and rename it to `final`; None if nothing could be written.
 
-    `study_uids` maps a source study with no StudyInstanceUID to the one generated for it in this run.
+    `study_uids` maps a source study with no StudyInstanceUID to the one generated for it in this run;
+    `inputs` (resolved files and folders) are never replaced. A full disk or another write error
+    raises UpscaleError after the staging folder is removed.
     """
     if final.exists() and not overwrite:
         log.error("%s already exists (use --overwrite to replace it); series left out", final)
         summary.existing.append(final)
         bar.update(len(frames))
         return None
-    header = dicom_io.read_dataset(frames[0].path, pixels=False)
-    uids = _Uids(series=generate_uid(), frame_of_reference=generate_uid(),
-                 study=study_uids.setdefault(_study_key(frames[0], header), generate_uid()))
     try:
+        check_replaceable(final, _inputs_under(final, inputs), _is_our_series, "a series folder of upscale")
+    except OutputError as exc:
+        log.error("%s; series left out", exc)
+        summary.refused.append(str(exc))
+        bar.update(len(frames))
+        return None
+    try:
+        header = dicom_io.read_dataset(frames[0].path, pixels=False)
+        uids = _Uids(series=generate_uid(), frame_of_reference=generate_uid(),
+                     study=study_uids.setdefault(_study_key(frames[0], header), generate_uid()))
         written = _fill_series(frames, final, method, cfg, fmt, window, outside, tile, tile_pad, summary, bar,
                                uids)
-    except _SeriesFailed as exc:
-        reason = exc.args[0]
+    except (_SeriesFailed, ValueError) as exc:  # ValueError: the first header no longer reads
+        reason = str(exc.args[0])
         log.error("%s: %s; series left out", final.name, reason)
         summary.failed.append(f"{final.name}: {reason}")
         return None
+    except OSError as exc:
+        raise UpscaleError(_write_error(exc, final, summary)) from None
     summary.images += written
     log.info("%s: %d image(s)", final, written)
     return final
+
+
+def _inputs_under(final: Path, inputs: list[Path]) -> list[Path]:
+    """The resolved `inputs` that lie in `final` (what check_replaceable must protect), cheaply."""
+    real = final.resolve()
+    return [item for item in inputs if item == real or real in item.parents]
+
+
+def _write_error(exc: OSError, final: Path, summary: Summary) -> str:
+    """One line for a series that could not be written (disk full or another OS error)."""
+    done = (f"; the {len(summary.series)} series written before it are complete" if summary.series
+            else "")
+    if is_disk_full(exc):
+        return (f"no space left on the device while writing {final}: the incomplete series was removed"
+                f"{done}; free some space and run again")
+    return f"cannot write {final} ({exc.strerror or exc}): the incomplete series was removed{done}"
 
 
 @dataclass
@@ -249,16 +351,17 @@ def _fill_series(frames, final: Path, method, cfg: Config, fmt: str, window: Win
                     _skip(summary, failed, reason)
                 left_out.append(_slice_record(index, frame, reason=exc.args[0][0][1]))
                 continue
-            sr_hu = super_resolve_hu(method, hu, window, outside, tile, tile_pad)
-            if fmt == "dicom":
-                try:
+            try:
+                sr_hu = _super_resolve_checked(method, hu, window, outside, tile, tile_pad)
+                if fmt == "dicom":
                     _write_dicom(path, sr_hu, stage / f"IM{index:05d}.dcm", uids, method, window)
-                except ValueError as exc:
-                    _skip(summary, frame.path, str(exc))
-                    continue
-            elif fmt == "png":
+            except ValueError as exc:
+                _skip(summary, path, str(exc))
+                left_out.append(_slice_record(index, frame, reason=str(exc)))
+                continue
+            if fmt == "png":
                 atomic_write_bytes(stage / f"IM{index:05d}.png", _png(sr_hu, window))
-            else:
+            elif fmt == "npy":
                 if stack and sr_hu.shape != stack[0].shape:
                     raise _SeriesFailed(_sizes_message([*(a.shape for a in stack), sr_hu.shape], scaled=True))
                 slices.append({"index": len(stack), **_slice_record(index, frame)})
@@ -274,6 +377,15 @@ def _fill_series(frames, final: Path, method, cfg: Config, fmt: str, window: Win
                 {"array": "sr_hu.npy", "shape": [len(stack), *stack[0].shape], "slices": slices,
                  "left_out": left_out}, indent=1) + "\n")
     return written
+
+
+def _super_resolve_checked(method: inference.Method, hu: np.ndarray, window: Window, outside: str,
+                           tile: int, tile_pad: int) -> np.ndarray:
+    """super_resolve_hu of a checked source image (HU [h, w]), its output checked too: float32 HU
+    [4h, 4w], finite. ValueError (the skip reason) for non-finite or empty input or output."""
+    _checked(hu, "source image")
+    sr_hu = super_resolve_hu(method, hu, window, outside, tile, tile_pad)
+    return _checked(sr_hu, "model output", (method.scale * hu.shape[0], method.scale * hu.shape[1]))
 
 
 def _slice_record(index: int, frame: dicom_io.Frame, reason: str | None = None) -> dict:
@@ -314,7 +426,23 @@ def _read_frame(frame: dicom_io.Frame, cfg: Config) -> tuple[np.ndarray, str]:
             return dicom_io.read_hu(path, [frame.frame], cfg.convert.out_of_field_hu)[0], path
         except ValueError as exc:
             errors.append((path, str(exc)))
+        except dicom_io.HEADER_ERRORS as exc:  # a malformed header value (e.g. a two-valued padding)
+            errors.append((path, f"unusable header ({type(exc).__name__}: {exc})"))
     raise _Unreadable(errors)
+
+
+def _checked(image: np.ndarray, what: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """`image` ([h, w], HU or [0, 1]) if it is a non-empty, finite 2-D image (of `shape` when given);
+    else ValueError saying what is wrong with the `what`."""
+    if image.ndim != 2 or image.size == 0:
+        raise ValueError(f"{what} is empty or not 2-D (shape {'x'.join(map(str, image.shape))})")
+    if shape is not None and image.shape != tuple(shape):
+        raise ValueError(f"{what} is {image.shape[0]}x{image.shape[1]}, expected {shape[0]}x{shape[1]}")
+    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+    if bad:
+        hint = " (RescaleSlope/RescaleIntercept not finite?)" if what == "source image" else ""
+        raise ValueError(f"{what} has {bad} non-finite (NaN or infinite) value(s){hint}; not upscaled")
+    return image
 
 
 class _Unreadable(Exception):
@@ -364,7 +492,7 @@ def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, uids: _Uids,
     if not str(ds.get("FrameOfReferenceUID", "") or "").strip():
         ds.FrameOfReferenceUID = uids.frame_of_reference
     ds.SeriesNumber = int(ds.get("SeriesNumber", 0) or 0) + 1000
-    ds.ImageType = ["DERIVED", "SECONDARY", *_values(ds.get("ImageType"))[2:]]
+    ds.ImageType = _image_type(ds.get("ImageType"))
     what = f"tfgan-ct x{scale} SR {method.description}"
     ds.SeriesDescription = f"{what} {ds.get('SeriesDescription', '') or ''}".strip()[:64]
     ds.DerivationDescription = (f"Super-resolved x{scale} by tfgan-ct {__version__}, model "
@@ -379,6 +507,10 @@ def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, uids: _Uids,
     now = datetime.datetime.now()
     ds.InstanceCreationDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = ds.ContentTime = now.strftime("%H%M%S")
+    _fix_dates(ds)
+    for keyword in _TYPE2:
+        if keyword not in ds:
+            setattr(ds, keyword, None)
     pixels = np.clip(np.rint(sr_hu), -32768, 32767).astype("<i2")
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -398,10 +530,112 @@ def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, uids: _Uids,
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         ds.save_as(tmp, enforce_file_format=True, implicit_vr=False, little_endian=True)
-        tmp.replace(path)
     except Exception as exc:  # noqa: BLE001 - a header pydicom cannot write is reported per file
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            raise  # the whole series (and run) stops, not this image
         raise ValueError(f"cannot write the derived image ({type(exc).__name__}: {exc})") from None
+    try:
+        _check_reads_back(tmp, pixels)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_reads_back(path: Path, pixels: np.ndarray) -> None:
+    """Read the DICOM just written at `path` with pydicom; ValueError unless its pixel_array
+    equals `pixels` (int16 [rows, columns])."""
+    try:
+        back = pydicom.dcmread(path)
+        array = back.pixel_array
+    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises, the file is not usable
+        raise ValueError(f"the derived image does not read back ({type(exc).__name__}: {exc}); "
+                         f"not written") from None
+    if array.shape != pixels.shape or not np.array_equal(array, pixels):
+        raise ValueError(f"the derived image reads back as {'x'.join(map(str, array.shape))} pixels that "
+                         f"differ from the {pixels.shape[0]}x{pixels.shape[1]} written; not written")
+
+
+def _image_type(source) -> list[str]:
+    """DERIVED\\SECONDARY and the source's values 3 and on; value 3 AXIAL when the source has
+    none (the CT Image module needs AXIAL or LOCALIZER there)."""
+    rest = [str(v).strip() for v in _values(source)[2:]]
+    if not rest or not rest[0]:
+        rest = ["AXIAL", *rest[1:]]
+    return ["DERIVED", "SECONDARY", *rest]
+
+
+# Dates, times and date-times that are type 2 in the CT Image IOD: kept (empty) when invalid.
+_TYPE2_DATES = ("StudyDate", "StudyTime", "PatientBirthDate", "ContentDate", "ContentTime")
+_DATE_FORMS = {
+    "DA": (re.compile(r"(\d{4})(\d{2})(\d{2})"), re.compile(r"(\d{4})\.(\d{2})\.(\d{2})")),
+    "TM": (re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?"),
+           re.compile(r"(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?")),
+    "DT": (re.compile(r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?)?)?)?"
+                      r"([+-]\d{4})?"),),
+}
+
+
+def _fix_dates(ds: pydicom.Dataset) -> None:
+    """Make every DA, TM and DT value of `ds` (and its sequences) valid DICOM: old ACR-NEMA forms
+    (YYYY.MM.DD, HH:MM:SS.frac) rewritten, any other invalid value emptied (type 2) or removed.
+    Never invents a value."""
+    for elem in list(ds):
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                _fix_dates(item)
+            continue
+        if elem.VR not in _DATE_FORMS or elem.value is None or elem.value == "":
+            continue
+        fixed = [_valid_date(str(v), elem.VR) for v in _values(elem.value)]
+        if all(v is not None for v in fixed):
+            if fixed != [str(v) for v in _values(elem.value)]:
+                elem.value = fixed if len(fixed) > 1 else fixed[0]
+        elif elem.keyword in _TYPE2_DATES:
+            elem.value = None
+        else:
+            del ds[elem.tag]
+
+
+def _valid_date(value: str, vr: str) -> str | None:
+    """`value` of VR DA/TM/DT as valid DICOM (the ACR-NEMA DA/TM forms rewritten), else None."""
+    value = value.strip(" \0")
+    if not value:
+        return value
+    forms = _DATE_FORMS[vr]
+    for form in forms:
+        match = form.fullmatch(value)
+        if match:
+            break
+    else:
+        return None
+    if vr == "DA":
+        parts = [int(g) for g in match.groups()]
+        ok = _calendar_ok(*parts)
+        return "".join(match.groups()) if ok else None
+    if vr == "TM":
+        hh, mm, ss, frac = match.groups()
+        if int(hh) > 23 or (mm is not None and int(mm) > 59) or (ss is not None and int(ss) > 60):
+            return None
+        return "".join(g for g in (hh, mm, ss) if g is not None) + (f".{frac}" if frac else "")
+    year, month, day, hh, mm, ss, _frac, offset = match.groups()
+    if (month is not None and not 1 <= int(month) <= 12) or \
+            (day is not None and not _calendar_ok(int(year), int(month), int(day))) or \
+            (hh is not None and int(hh) > 23) or (mm is not None and int(mm) > 59) or \
+            (ss is not None and int(ss) > 60) or (offset is not None and (int(offset[1:3]) > 14 or
+                                                                          int(offset[3:]) > 59)):
+        return None
+    return value
+
+
+def _calendar_ok(year: int, month: int, day: int) -> bool:
+    """Whether year-month-day is a real calendar date."""
+    try:
+        datetime.date(year, month, day)
+    except ValueError:
+        return False
+    return True
 
 
 def _values(value) -> list[str]:
