@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +216,58 @@ def test_split_csv_and_forced_modality(phantom_dir, tmp_path):
     assert {x["modality"] for x in manifest["series"]} == {"ncct"}
     assert manifest["counts"]["validation"]["patients"] == 0
     assert manifest["counts"]["train"]["patients"] == 1 and manifest["counts"]["test"]["patients"] == 1
+
+
+def test_overwrite_never_deletes_inputs_or_foreign_folders(phantom_dir, tmp_path):
+    victim = tmp_path / "victim"
+    shutil.copytree(phantom_dir / "patient00", victim / "dicom")
+    (victim / "README.txt").write_text("my notes")
+    before = sorted(p.relative_to(victim) for p in victim.rglob("*"))
+    base = ["--config", str(SMALL_CONFIG), "--workers", "1", "--no-progress", "--overwrite"]
+    holds_input = CliRunner().invoke(main, ["convert", str(victim / "dicom"), "--out", str(victim), *base])
+    assert holds_input.exit_code == 1 and "holds the input" in holds_input.output
+    foreign = CliRunner().invoke(main, ["convert", str(phantom_dir), "--out", str(victim), *base])
+    assert foreign.exit_code == 1 and "not a dataset made by tfgan-ct" in foreign.output
+    images = CliRunner().invoke(main, ["convert-images", str(victim / "dicom"), "--out", str(victim), *base])
+    assert images.exit_code == 1 and "holds the input" in images.output
+    assert sorted(p.relative_to(victim) for p in victim.rglob("*")) == before
+    assert (victim / "README.txt").read_text() == "my notes"
+    # a dataset of ours that holds an input is not replaced either
+    ours = tmp_path / "ours"
+    assert CliRunner().invoke(main, ["convert", str(victim / "dicom"), "--out", str(ours), *base]).exit_code == 0
+    shutil.copytree(victim / "dicom", ours / "more")
+    again = CliRunner().invoke(main, ["convert", str(ours / "more"), "--out", str(ours), *base])
+    assert again.exit_code == 1 and "holds the input" in again.output and (ours / "more").is_dir()
+
+
+def _staging(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+@pytest.mark.slow
+def test_killed_convert_leaves_no_staging_after_the_next_run(phantom_dir, tmp_path):
+    """SIGKILL mid-run leaves a staging folder (partial shards); the next run removes it,
+    says so, and writes the same dataset as an uninterrupted run."""
+    def command(out):
+        return [sys.executable, "-m", "tfgan_ct.cli", "convert", str(phantom_dir), "--out", str(out),
+                "--config", str(SMALL_CONFIG), "--workers", "1", "--no-progress"]
+
+    reference = tmp_path / "reference"
+    subprocess.run(command(reference), check=True, capture_output=True)
+    out = tmp_path / "out"
+    run = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not _staging(tmp_path) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert _staging(tmp_path) and not out.exists(), "the run ended before it could be killed"
+    again = subprocess.run(command(out), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "left by an interrupted run" in again.stderr
+    assert not _staging(tmp_path)
+    files = sorted(p.name for p in reference.iterdir())
+    assert files == sorted(p.name for p in out.iterdir())
+    for name in files:
+        if name != "convert.log":  # has times
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), name
