@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -271,3 +272,26 @@ def test_killed_convert_leaves_no_staging_after_the_next_run(phantom_dir, tmp_pa
     for name in files:
         if name != "convert.log":  # has times
             assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KB file system (tmpfs), mounted for the test; skipped where mounting is not allowed."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small file system here (needs root)")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(phantom_dir, small_disk):
+    result = CliRunner().invoke(main, ["convert", str(phantom_dir), "--out", str(small_disk / "dataset"),
+                                       "--config", str(SMALL_CONFIG), "--workers", "1", "--no-progress"])
+    assert result.exit_code == 1 and result.exception is not None, result.output
+    assert isinstance(result.exception, SystemExit)
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: disk full") and "nothing half-written was kept" in last, result.output
+    assert "Traceback" not in result.output
+    assert list(small_disk.iterdir()) == []
