@@ -1,6 +1,8 @@
 """SR methods (bicubic, SavedModel) and tiled inference."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -85,3 +87,27 @@ def test_named_specs(tiny_export):
     method = inference.load("TL=ncct@1", tiny_export)
     assert method.name == "TL" and method.metadata["stage"] == "ncct"
     assert inference.load(f"Scratch={tiny_export / 'ncct'}", "elsewhere").description == "ncct v1"
+
+
+@pytest.mark.parametrize("damage", ["truncated-variables", "binary-metadata", "metadata-array"])
+def test_loading_a_damaged_export_names_it(tiny_export, tmp_path, damage):
+    from test_export import DAMAGE_MESSAGES, damaged_copy
+
+    bad = damaged_copy(tiny_export / "ncct/1", tmp_path / "ncct-copy", damage)
+    for spec in (str(bad), f"TL={bad}"):  # a path, as `--model PATH` and `evaluate` take it
+        with pytest.raises(inference.InferenceError, match=re.escape(str(bad)) + ": " + DAMAGE_MESSAGES[damage]):
+            inference.load(spec, tiny_export)
+    with pytest.raises(inference.InferenceError, match=DAMAGE_MESSAGES[damage]):
+        inference.saved_model(bad)
+
+
+def test_an_export_whose_scale_is_not_a_number_is_refused(tiny_export, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "1"
+    shutil.copytree(tiny_export / "ncct/1", bad)
+    meta = json.loads((bad / "tfgan_ct.json").read_text())
+    (bad / "tfgan_ct.json").write_text(json.dumps({**meta, "scale": "four"}))
+    with pytest.raises(inference.InferenceError, match=r"'scale' in its tfgan_ct.json is 'four'"):
+        inference.load(str(bad))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +48,40 @@ def run_cli(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     return subprocess.run([sys.executable, "-m", "tfgan_ct.cli", *args], capture_output=True, text=True,
                           env=environment, timeout=600, **kwargs)
+
+
+PLAIN_TF = """
+import sys
+import numpy as np
+import tensorflow as tf
+export_dir, x_file, y_file = sys.argv[1:4]
+model = tf.saved_model.load(export_dir)
+serve = model.signatures["serving_default"]
+y = serve(lr=tf.constant(np.load(x_file)))["sr"]
+assert y.dtype == tf.float32, y.dtype
+np.save(y_file, y.numpy())
+# Every op of the serving signature, in its graph and in the functions it calls.
+graph = serve.graph.as_graph_def()
+nodes = list(graph.node) + [node for function in graph.library.function for node in function.node_def]
+half = tf.float16.as_datatype_enum
+print("ops", len(nodes))
+for node in nodes:
+    if any(a.type == half or half in a.list.type for a in node.attr.values()):
+        print("float16 op", node.op, node.name)
+assert not [k for k in sys.modules if k.startswith("tfgan_ct")]
+"""
+
+
+def run_plain_tensorflow(export_dir: Path, x: np.ndarray, work: Path) -> tuple[np.ndarray, list[str]]:
+    """Run an export's serving_default on `x` in a new process that has only TensorFlow
+    (no tfgan_ct on the path), as TensorFlow Serving would. Returns (sr, its float16 ops)."""
+    np.save(work / "x.npy", x)
+    result = subprocess.run([sys.executable, "-c", PLAIN_TF, str(export_dir), str(work / "x.npy"),
+                             str(work / "y.npy")], capture_output=True, text=True, cwd=work, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ops " in result.stdout
+    return np.load(work / "y.npy"), [line for line in result.stdout.splitlines() if line.startswith("float16 op")]
 
 
 def tiny_gan(settings_overrides=()):
@@ -115,18 +150,8 @@ def test_train_export_and_plain_tensorflow_reload(converted, tiny_config, tmp_pa
     g = build_generator(1, 8, 4)
     export.warm_start(g, build_discriminator(32, features=8), result.export_dir)
     x = np.random.default_rng(1).random((2, 12, 10, 1)).astype("float32")
-    np.save(tmp_path / "x.npy", x)
-    script = (
-        "import sys, numpy as np, tensorflow as tf\n"
-        f"m = tf.saved_model.load({str(result.export_dir)!r})\n"
-        "f = m.signatures['serving_default']\n"
-        f"y = f(lr=tf.constant(np.load({str(tmp_path / 'x.npy')!r})))['sr'].numpy()\n"
-        f"np.save({str(tmp_path / 'y.npy')!r}, y)\n"
-        "assert not [k for k in sys.modules if k.startswith('tfgan_ct')]\n")
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path,
-                   env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""})
-    y = np.load(tmp_path / "y.npy")
-    assert y.shape == (2, 48, 40, 1)
+    y, half = run_plain_tensorflow(result.export_dir, x, tmp_path)
+    assert y.shape == (2, 48, 40, 1) and not half
     np.testing.assert_allclose(y, np.clip(g(x).numpy(), 0, 1), atol=1e-6)
 
     # The same run again into another models folder (the README's Scratch baseline with
@@ -151,14 +176,19 @@ def test_warm_start_reproduces_parent_and_refuses_mismatch(converted, tiny_confi
     models = tmp_path / "models"
     cfg = load_config(tiny_config)
     parent = train_stage("ncct", out, cfg, warm_start="none", models_dir=models, runs_dir=tmp_path / "runs")
-    zero = load_config(tiny_config, ["train.l1_phase.steps=0", "train.gan_phase.steps=0"])
-    child = train_stage("ctp", out, zero, warm_start="ncct", models_dir=models, runs_dir=tmp_path / "runs")
+    # One L1 update with a tiny learning rate: D is not touched in the L1 phase, and Adam's first
+    # update moves each weight of G by about the learning rate, so the child is the parent.
+    one = load_config(tiny_config, ["train.l1_phase.steps=1", "train.l1_phase.milestones=[]",
+                                    "train.gan_phase.steps=0", "train.gan_phase.milestones=[]",
+                                    "train.l1_phase.learning_rate=1e-7"])
+    child = train_stage("ctp", out, one, warm_start="ncct", models_dir=models, runs_dir=tmp_path / "runs")
     assert export.read_metadata(child.export_dir)["parent"] == "ncct"
     a = tf.saved_model.load(str(parent.export_dir))
     b = tf.saved_model.load(str(child.export_dir))
-    for name in ("generator_variables", "discriminator_variables"):
-        for va, vb in zip(getattr(a, name), getattr(b, name)):
-            np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    for va, vb in zip(a.discriminator_variables, b.discriminator_variables):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    for va, vb in zip(a.generator_variables, b.generator_variables):
+        np.testing.assert_allclose(va.numpy(), vb.numpy(), rtol=0, atol=2e-7)
     wider = load_config(tiny_config, ["model.features=16"])
     with pytest.raises(export.ExportError, match="variable 'conv_first/kernel' has shape"):
         train_stage("cta", out, wider, warm_start="ncct", models_dir=models, runs_dir=tmp_path / "runs")
@@ -377,3 +407,108 @@ def test_bad_vgg_weights_stop_before_a_run_folder_is_made(converted, tiny_config
                      "--models-dir", str(tmp_path / "models"))
     assert result.returncode != 0 and "model.vgg_weights='imagnet'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated-variables", "binary-metadata", "metadata-array"])
+def test_warm_start_from_a_damaged_export_is_one_line(converted, tiny_config, tiny_export, tmp_path, damage):
+    from click.testing import CliRunner
+
+    from tfgan_ct.cli import main
+    from test_export import DAMAGE_MESSAGES, damaged_copy
+
+    out, _ = converted
+    bad = damaged_copy(tiny_export / "ncct/1", tmp_path / "parent", damage)
+    result = CliRunner().invoke(main, ["train", "--stage", "ctp", "--data", str(out), "--warm-start", str(bad),
+                                       "--config", str(tiny_config), "--models-dir", str(tmp_path / "models"),
+                                       "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()  # log lines (device, random VGG), then the error
+    assert [line for line in lines if "Error" in line] == lines[-1:], lines
+    assert re.fullmatch(r"Error: " + re.escape(str(bad)) + ": " + DAMAGE_MESSAGES[damage] + r".*", lines[-1]), lines
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_run_without_any_update_is_refused(converted, tiny_config, tmp_path):
+    out, _ = converted
+    cfg = load_config(tiny_config)
+    cfg.train.l1_phase.steps = 0
+    cfg.train.gan_phase.steps = 0
+    with pytest.raises(TrainingError, match=r"l1_phase.steps=0 and train.gan_phase.steps=0: this run would "
+                                            r"make no optimizer update"):
+        train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "models", runs_dir=tmp_path / "runs")
+    assert not (tmp_path / "models").exists() and not (tmp_path / "runs").exists()
+
+
+def _scalars(event_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of a scalar written with tf.summary.scalar, from the event files in `event_dir`."""
+    values = {}
+    for events in sorted(event_dir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def test_logged_learning_rate_is_the_one_the_step_used(converted, tiny_config, tmp_path):
+    """Steps 1-4 (L1) use 2e-3; GAN steps 5-6 use 1e-4 for G and D, steps 7-8 5e-5 (milestone 2).
+    The rate logged at a step is that step's, not the next one's."""
+    out, _ = converted
+    cfg = load_config(tiny_config, ["train.log_every=2", "train.eval_every=100"])
+    cfg.train.l1_phase.learning_rate, cfg.train.l1_phase.milestones = 2e-3, []
+    cfg.train.gan_phase.learning_rate, cfg.train.gan_phase.milestones = 1e-4, [2]
+    result = train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "models",
+                         runs_dir=tmp_path / "runs")
+    logged = {int(m[1]): (m[2], float(m[3])) for m in re.finditer(
+        r"step (\d+)/8 (L1|GAN) \|.*\| lr (\S+) \|", (result.run_dir / "train.log").read_text())}
+    assert logged == {2: ("L1", 2e-3), 4: ("L1", 2e-3), 6: ("GAN", 1e-4), 8: ("GAN", 5e-5)}
+    tensorboard = result.run_dir / "tensorboard"
+    np.testing.assert_allclose(list(_scalars(tensorboard, "learning_rate/generator").items()),
+                               [(2, 2e-3), (4, 2e-3), (6, 1e-4), (8, 5e-5)], rtol=1e-6)
+    np.testing.assert_allclose(list(_scalars(tensorboard, "learning_rate/discriminator").items()),
+                               [(6, 1e-4), (8, 5e-5)], rtol=1e-6)
+
+
+def test_validation_panel_follows_the_dataset_scale():
+    from tfgan_ct.train import validation_panel
+
+    lr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for scale in (2, 4):
+        sr = np.zeros((2 * scale, 3 * scale), np.float32)
+        panel = validation_panel(lr, sr, sr + 1, scale)
+        assert panel.shape == (2 * scale, 9 * scale)
+        np.testing.assert_array_equal(panel[::scale, :3 * scale:scale], lr)
+        np.testing.assert_array_equal(panel[:, 6 * scale:], 1)
+
+
+def _real_lr_slice(shared: Path) -> np.ndarray:
+    """A real head CT slice in the NCCT window (40/80 HU), bicubic-downscaled x8: float32 [1, 64, 64, 1]."""
+    import pydicom
+
+    from tfgan_ct import resize
+
+    ds = pydicom.dcmread(shared / "dicom/head-ncct/pydicom-data_693_UNCR.dcm")
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    unit = np.clip((hu - 0.0) / 80.0, 0.0, 1.0)
+    small = resize.downscale(unit[:512, :512], 8)
+    return np.clip(small, 0, 1).astype(np.float32)[None, :, :, None]
+
+
+@pytest.mark.slow
+def test_mixed_float16_run_exports_a_float32_model(converted, tiny_config, shared_data, tmp_path):
+    out, _ = converted
+    cfg = load_config(tiny_config, ["train.mixed_precision=mixed_float16", "train.l1_phase.steps=2",
+                                    "train.l1_phase.milestones=[]", "train.gan_phase.steps=2",
+                                    "train.gan_phase.milestones=[]", "train.eval_every=100"])
+    result = train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "models",
+                         runs_dir=tmp_path / "runs")
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+    x = _real_lr_slice(shared_data)
+    y, half = run_plain_tensorflow(result.export_dir, x, tmp_path)
+    assert not half, half[:5]
+    assert y.shape == (1, 256, 256, 1) and y.dtype == np.float32 and np.isfinite(y).all()
+    # Variable paths are kept: the export warm-starts a float32 network by name.
+    g, d = build_generator(1, 8, 4), build_discriminator(32, features=8)
+    assert export.warm_start(g, d, result.export_dir) == len(g.variables) + len(d.variables)
+    np.testing.assert_allclose(y, np.clip(g(x).numpy(), 0, 1), atol=1e-5)
