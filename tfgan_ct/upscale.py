@@ -151,7 +151,15 @@ def super_resolve_hu(method: inference.Method, hu: np.ndarray, window: Window, o
 def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt: str = "dicom",
             window: Window | None = None, outside: str = "bicubic", tile: int = 0, tile_pad: int = 16,
             overwrite: bool = False, progress: bool = True) -> Summary:
-    """Super-resolve every CT series found in `inputs` into `out`, one folder per series."""
+    """Super-resolve every CT series found in `inputs` into `out`, one folder per series.
+
+    Stale staging of interrupted runs in `out` is removed first. Unusable images are skipped by
+    name (`Summary.skipped`); series folders that exist are left out, or with `overwrite` replaced
+    when `upscale` made them (others are refused, `Summary.refused`). Raises UpscaleError when
+    nothing was written, when `overwrite` would replace folders in an `out` that holds an input,
+    and when the disk fills up (the incomplete series removed).
+    """
+    inputs = list(inputs)
     if fmt not in FORMATS:
         raise UpscaleError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     window = model_window(method, cfg, window)
@@ -495,7 +503,7 @@ def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, uids: _Uids,
     ds.ImageType = _image_type(ds.get("ImageType"))
     what = f"tfgan-ct x{scale} SR {method.description}"
     ds.SeriesDescription = f"{what} {ds.get('SeriesDescription', '') or ''}".strip()[:64]
-    ds.DerivationDescription = (f"Super-resolved x{scale} by tfgan-ct {__version__}, model "
+    ds.DerivationDescription = (f"{_DERIVATION}{scale} by tfgan-ct {__version__}, model "
                                 f"{method.description} (window {window.center:g}/{window.width:g} HU)")[:1024]
     if source_sop[1]:
         ref = pydicom.Dataset()
@@ -568,13 +576,12 @@ def _image_type(source) -> list[str]:
 
 # Dates, times and date-times that are type 2 in the CT Image IOD: kept (empty) when invalid.
 _TYPE2_DATES = ("StudyDate", "StudyTime", "PatientBirthDate", "ContentDate", "ContentTime")
-_DATE_FORMS = {
-    "DA": (re.compile(r"(\d{4})(\d{2})(\d{2})"), re.compile(r"(\d{4})\.(\d{2})\.(\d{2})")),
-    "TM": (re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?"),
-           re.compile(r"(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?")),
-    "DT": (re.compile(r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?)?)?)?"
-                      r"([+-]\d{4})?"),),
-}
+_DA = re.compile(r"(\d{4})(\d{2})(\d{2})")
+_DA_ACR_NEMA = re.compile(r"(\d{4})\.(\d{2})\.(\d{2})")  # 1999.05.05
+_TM = re.compile(r"(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,6}))?)?)?")
+_TM_ACR_NEMA = re.compile(r"(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?")  # 10:52:34.530000
+_DT = re.compile(r"(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{6}(?:\.\d{1,6})?|\d{2}|\d{4}))?)?)?"
+                 r"(?:[+-](\d{2})(\d{2}))?")
 
 
 def _fix_dates(ds: pydicom.Dataset) -> None:
@@ -586,11 +593,12 @@ def _fix_dates(ds: pydicom.Dataset) -> None:
             for item in elem.value or []:
                 _fix_dates(item)
             continue
-        if elem.VR not in _DATE_FORMS or elem.value is None or elem.value == "":
+        if elem.VR not in ("DA", "TM", "DT") or elem.value is None or elem.value == "":
             continue
-        fixed = [_valid_date(str(v), elem.VR) for v in _values(elem.value)]
+        values = [str(v) for v in _values(elem.value)]
+        fixed = [_valid_date(v, elem.VR) for v in values]
         if all(v is not None for v in fixed):
-            if fixed != [str(v) for v in _values(elem.value)]:
+            if fixed != values:
                 elem.value = fixed if len(fixed) > 1 else fixed[0]
         elif elem.keyword in _TYPE2_DATES:
             elem.value = None
@@ -599,34 +607,35 @@ def _fix_dates(ds: pydicom.Dataset) -> None:
 
 
 def _valid_date(value: str, vr: str) -> str | None:
-    """`value` of VR DA/TM/DT as valid DICOM (the ACR-NEMA DA/TM forms rewritten), else None."""
+    """`value` of VR DA, TM or DT as valid DICOM (the ACR-NEMA DA/TM forms rewritten), else None."""
     value = value.strip(" \0")
     if not value:
         return value
-    forms = _DATE_FORMS[vr]
-    for form in forms:
-        match = form.fullmatch(value)
-        if match:
-            break
-    else:
-        return None
     if vr == "DA":
-        parts = [int(g) for g in match.groups()]
-        ok = _calendar_ok(*parts)
-        return "".join(match.groups()) if ok else None
+        match = _DA.fullmatch(value) or _DA_ACR_NEMA.fullmatch(value)
+        return "".join(match.groups()) if match and _calendar_ok(*map(int, match.groups())) else None
     if vr == "TM":
-        hh, mm, ss, frac = match.groups()
-        if int(hh) > 23 or (mm is not None and int(mm) > 59) or (ss is not None and int(ss) > 60):
+        match = _TM.fullmatch(value) or _TM_ACR_NEMA.fullmatch(value)
+        if not match or not _clock_ok(*match.groups()[:3]):
             return None
+        hh, mm, ss, frac = match.groups()
         return "".join(g for g in (hh, mm, ss) if g is not None) + (f".{frac}" if frac else "")
-    year, month, day, hh, mm, ss, _frac, offset = match.groups()
-    if (month is not None and not 1 <= int(month) <= 12) or \
-            (day is not None and not _calendar_ok(int(year), int(month), int(day))) or \
-            (hh is not None and int(hh) > 23) or (mm is not None and int(mm) > 59) or \
-            (ss is not None and int(ss) > 60) or (offset is not None and (int(offset[1:3]) > 14 or
-                                                                          int(offset[3:]) > 59)):
+    match = _DT.fullmatch(value)
+    if not match:
+        return None
+    year, month, day, time, offset_h, offset_m = match.groups()
+    if month is not None and not _calendar_ok(int(year), int(month), int(day or 1)):
+        return None
+    if time is not None and _valid_date(time, "TM") != time:
+        return None
+    if offset_h is not None and (int(offset_h) > 14 or int(offset_m) > 59):
         return None
     return value
+
+
+def _clock_ok(hh: str, mm: str | None, ss: str | None) -> bool:
+    """Whether hours, minutes and seconds (60: a leap second) are on the clock."""
+    return int(hh) <= 23 and (mm is None or int(mm) <= 59) and (ss is None or int(ss) <= 60)
 
 
 def _calendar_ok(year: int, month: int, day: int) -> bool:
