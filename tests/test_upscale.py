@@ -684,3 +684,19 @@ def test_killed_upscale_leaves_no_staging_after_the_next_run(phantom_dir, tiny_e
         ref_pixels, ref_attributes = _comparable(reference / name)
         np.testing.assert_array_equal(pixels, ref_pixels)
         assert attributes == ref_attributes
+
+
+def test_skipped_images_carry_a_reason_code(shared_data, cfg, tmp_path):
+    """The good slices of a series are written; the bad one is counted under a stable code."""
+    series = sorted((shared_data / "dicom" / "chest-series").glob("*.dcm"))
+    folder = tmp_path / "in"
+    for p in series:
+        _copy(p, folder / p.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid DS value
+        _copy(series[0], folder / series[0].name, RescaleIntercept="inf")
+    summary = upscale.upscale([folder], tmp_path / "out", inference.bicubic(), cfg, window=WIDE, progress=False)
+    assert summary.images == 2 and len(dicoms(tmp_path / "out")) == 2
+    [item] = summary.skipped
+    assert Path(item.path).name == series[0].name and item.code == "non-finite-hu"
+    assert item.code in {**dicom_io.REASONS, **upscale.REASONS}

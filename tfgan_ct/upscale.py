@@ -94,6 +94,16 @@ _DERIVATION = "Super-resolved x"
 _OUR_FILES = re.compile(r"IM\d{5}\.(?:dcm|png)|sr_hu\.npy|slices\.json")
 
 
+# Reason codes of images skipped by upscale itself (beside dicom_io.REASONS of the reading).
+REASONS = {
+    "non-finite-hu": "the source image has NaN or infinite HU",
+    "empty-image": "the source image or the model output is empty or of the wrong size",
+    "model-output": "the model's output is not finite (NaN or infinite)",
+    "multi-frame-output": "a multi-frame image cannot be written back as DICOM yet",
+    "write-failed": "the derived DICOM cannot be written or does not read back",
+}
+
+
 class UpscaleError(RuntimeError):
     """Nothing usable in the input, or an output that cannot be written."""
 
@@ -244,15 +254,18 @@ def _derived_by_us(path: Path) -> bool:
 
 def _find_series(inputs, summary: Summary) -> tuple[dict[tuple[str, str], list[dicom_io.Frame]], list[Path]]:
     """CT frames of `inputs` grouped by (patient, series) and sorted, and every input file found."""
+    walk: list[dicom_io.Skipped] = []
     try:
-        paths = list(dicom_io.iter_files(inputs))
+        paths = list(dicom_io.iter_files(inputs, walk))
     except FileNotFoundError as exc:
         raise UpscaleError(str(exc)) from None
+    for item in walk:  # unreadable folders, dangling links, broken DICOMDIRs
+        _skip(summary, item)
     frames = []
     for path in paths:
         result = dicom_io.frames_of(path)
         if isinstance(result, dicom_io.Skipped):
-            _skip(summary, result.path, result.reason)
+            _skip(summary, result)
         else:
             frames.extend(result)
     groups: dict[tuple[str, str], list[dicom_io.Frame]] = defaultdict(list)
@@ -263,11 +276,12 @@ def _find_series(inputs, summary: Summary) -> tuple[dict[tuple[str, str], list[d
     return dict(sorted(groups.items())), paths
 
 
-def _skip(summary: Summary, path: str, reason: str) -> None:
-    if any(s.path == path for s in summary.skipped):
+def _skip(summary: Summary, item: dicom_io.Skipped) -> None:
+    """Report a file left out, once (one line naming it and the reason), and count it."""
+    if any(s.path == item.path for s in summary.skipped):
         return  # a multi-frame file is reported once, not per frame
-    log.warning("skipped %s: %s", dicom_io.relpath(path), reason)
-    summary.skipped.append(dicom_io.Skipped(path, reason))
+    log.warning("skipped %s: %s", dicom_io.relpath(item.path), item.reason)
+    summary.skipped.append(item)
 
 
 def _write_series(frames, final: Path, method, cfg: Config, fmt: str, window: Window, outside: str,
@@ -355,16 +369,16 @@ def _fill_series(frames, final: Path, method, cfg: Config, fmt: str, window: Win
             try:
                 hu, path = _read_frame(frame, cfg)
             except _Unreadable as exc:
-                for failed, reason in exc.args[0]:
-                    _skip(summary, failed, reason)
-                left_out.append(_slice_record(index, frame, reason=exc.args[0][0][1]))
+                for item in exc.args[0]:
+                    _skip(summary, item)
+                left_out.append(_slice_record(index, frame, reason=exc.args[0][0].reason))
                 continue
             try:
                 sr_hu = _super_resolve_checked(method, hu, window, outside, tile, tile_pad)
                 if fmt == "dicom":
                     _write_dicom(path, sr_hu, stage / f"IM{index:05d}.dcm", uids, method, window)
             except ValueError as exc:
-                _skip(summary, path, str(exc))
+                _skip(summary, dicom_io.skipped(path, exc))
                 left_out.append(_slice_record(index, frame, reason=str(exc)))
                 continue
             if fmt == "png":
@@ -433,23 +447,27 @@ def _read_frame(frame: dicom_io.Frame, cfg: Config) -> tuple[np.ndarray, str]:
         try:
             return dicom_io.read_hu(path, [frame.frame], cfg.convert.out_of_field_hu)[0], path
         except ValueError as exc:
-            errors.append((path, str(exc)))
+            errors.append(dicom_io.skipped(path, exc))
         except dicom_io.HEADER_ERRORS as exc:  # a malformed header value (e.g. a two-valued padding)
-            errors.append((path, f"unusable header ({type(exc).__name__}: {exc})"))
+            errors.append(dicom_io.Skipped(path, f"unusable header ({type(exc).__name__}: {exc})", "bad-header"))
     raise _Unreadable(errors)
 
 
 def _checked(image: np.ndarray, what: str, shape: tuple[int, int] | None = None) -> np.ndarray:
     """`image` ([h, w], HU or [0, 1]) if it is a non-empty, finite 2-D image (of `shape` when given);
-    else ValueError saying what is wrong with the `what`."""
+    else dicom_io.Unusable (a ValueError with a REASONS code) saying what is wrong with the `what`."""
     if image.ndim != 2 or image.size == 0:
-        raise ValueError(f"{what} is empty or not 2-D (shape {'x'.join(map(str, image.shape))})")
+        raise dicom_io.Unusable("empty-image", f"{what} is empty or not 2-D "
+                                               f"(shape {'x'.join(map(str, image.shape))})")
     if shape is not None and image.shape != tuple(shape):
-        raise ValueError(f"{what} is {image.shape[0]}x{image.shape[1]}, expected {shape[0]}x{shape[1]}")
+        raise dicom_io.Unusable("empty-image", f"{what} is {image.shape[0]}x{image.shape[1]}, "
+                                               f"expected {shape[0]}x{shape[1]}")
     bad = int(image.size - np.count_nonzero(np.isfinite(image)))
     if bad:
-        hint = " (RescaleSlope/RescaleIntercept not finite?)" if what == "source image" else ""
-        raise ValueError(f"{what} has {bad} non-finite (NaN or infinite) value(s){hint}; not upscaled")
+        source = what == "source image"
+        hint = " (RescaleSlope/RescaleIntercept not finite?)" if source else ""
+        raise dicom_io.Unusable("non-finite-hu" if source else "model-output",
+                                f"{what} has {bad} non-finite (NaN or infinite) value(s){hint}; not upscaled")
     return image
 
 
@@ -482,8 +500,8 @@ def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, uids: _Uids,
     """One derived single-frame CT image at `path` (atomically), its header from file `source`."""
     ds = dicom_io.read_dataset(source, pixels=False)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise ValueError("multi-frame (enhanced) images cannot be written back as DICOM yet; "
-                         "use --format npy or png")
+        raise dicom_io.Unusable("multi-frame-output", "multi-frame (enhanced) images cannot be written "
+                                                      "back as DICOM yet; use --format npy or png")
     scale = method.scale
     source_sop = (str(ds.get("SOPClassUID", "") or CT_IMAGE_STORAGE), str(ds.get("SOPInstanceUID", "")))
     for keyword in _DROP:
@@ -542,7 +560,8 @@ def _write_dicom(source: str, sr_hu: np.ndarray, path: Path, uids: _Uids,
         tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and is_disk_full(exc):
             raise  # the whole series (and run) stops, not this image
-        raise ValueError(f"cannot write the derived image ({type(exc).__name__}: {exc})") from None
+        raise dicom_io.Unusable("write-failed", f"cannot write the derived image "
+                                                f"({type(exc).__name__}: {exc})") from None
     try:
         _check_reads_back(tmp, pixels)
         tmp.replace(path)
@@ -558,11 +577,12 @@ def _check_reads_back(path: Path, pixels: np.ndarray) -> None:
         back = pydicom.dcmread(path)
         array = back.pixel_array
     except Exception as exc:  # noqa: BLE001 - whatever pydicom raises, the file is not usable
-        raise ValueError(f"the derived image does not read back ({type(exc).__name__}: {exc}); "
-                         f"not written") from None
+        raise dicom_io.Unusable("write-failed", f"the derived image does not read back "
+                                                f"({type(exc).__name__}: {exc}); not written") from None
     if array.shape != pixels.shape or not np.array_equal(array, pixels):
-        raise ValueError(f"the derived image reads back as {'x'.join(map(str, array.shape))} pixels that "
-                         f"differ from the {pixels.shape[0]}x{pixels.shape[1]} written; not written")
+        raise dicom_io.Unusable("write-failed", f"the derived image reads back as "
+                                                f"{'x'.join(map(str, array.shape))} pixels that differ from "
+                                                f"the {pixels.shape[0]}x{pixels.shape[1]} written; not written")
 
 
 def _image_type(source) -> list[str]:
