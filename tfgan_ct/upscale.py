@@ -280,7 +280,7 @@ def _skip(summary: Summary, item: dicom_io.Skipped) -> None:
     """Report a file left out, once (one line naming it and the reason), and count it."""
     if any(s.path == item.path for s in summary.skipped):
         return  # a multi-frame file is reported once, not per frame
-    log.warning("skipped %s: %s", dicom_io.relpath(item.path), item.reason)
+    log.warning("skipped %s: [%s] %s", dicom_io.relpath(item.path), item.code, item.reason)
     summary.skipped.append(item)
 
 
