@@ -115,7 +115,8 @@ def _split_options(cfg, split: str | None, seed: int | None) -> None:
               help="CSV with columns patient,split (patient = DICOM PatientID) instead of --split.")
 @click.option("--seed", type=int, default=None, help="Seed of the patient split (config default 0).")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing dataset made by tfgan-ct (never a folder holding an input or other files).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @config_options
 def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, no_progress, cfg):
@@ -149,7 +150,8 @@ def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, n
                    "folder, e.g. train/0001.png) instead of --split.")
 @click.option("--seed", type=int, default=None, help="Seed of the image split (config default 0).")
 @click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing dataset made by tfgan-ct (never a folder holding an input or other files).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @config_options
 def convert_images(inputs, out, split, split_csv, seed, workers, overwrite, no_progress, cfg):
@@ -369,7 +371,8 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
 @click.option("--tile", type=click.IntRange(min=0), default=256, show_default=True,
               help="LR tile size, bounding memory for any image size (0: whole image at once).")
 @_TILE_PAD
-@click.option("--overwrite", is_flag=True, help="Replace output series folders that exist.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace series folders this command wrote (never one holding an input or other files).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @config_options
 def upscale(inputs, out, spec, server, fmt, window, outside_window, models_dir, tile, tile_pad, overwrite,
