@@ -112,6 +112,7 @@ def test_learning_rate_switches_at_the_first_update_of_a_phase_and_after_milesto
     np.testing.assert_allclose(rates, [2e-4, 2e-4, 1e-4, 1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_each_phase_lowers_its_loss_on_a_fixed_batch():
     keras.utils.set_random_seed(1)
     model = tiny_gan(["train.l1_phase.learning_rate=1e-3", "train.gan_phase.learning_rate=1e-3"])
@@ -136,6 +137,7 @@ def test_each_phase_lowers_its_loss_on_a_fixed_batch():
     assert np.mean([h["d_loss"] for h in gan[-5:]]) < np.mean([h["d_loss"] for h in gan[:5]])
 
 
+@pytest.mark.slow
 def test_train_export_and_plain_tensorflow_reload(converted, tiny_config, tmp_path):
     out, _ = converted
     cfg = load_config(tiny_config)
@@ -171,6 +173,7 @@ def test_train_export_and_plain_tensorflow_reload(converted, tiny_config, tmp_pa
         train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "third", runs_dir=tmp_path / "runs")
 
 
+@pytest.mark.slow
 def test_warm_start_reproduces_parent_and_refuses_mismatch(converted, tiny_config, tmp_path):
     out, _ = converted
     models = tmp_path / "models"
@@ -200,6 +203,7 @@ def test_missing_parent_says_which_command_makes_it(converted, tiny_config, tmp_
         train_stage("ctp", out, load_config(tiny_config), models_dir=tmp_path / "none")
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_matches_single_device(tmp_path):
     """One L1 step on two logical CPUs gives the same weights as on one device."""
     script = f"""
@@ -240,6 +244,7 @@ def free_ports(n):
     return ports
 
 
+@pytest.mark.slow
 def test_multi_worker_training_on_loopback(converted, tiny_config, tmp_path):
     out, _ = converted
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
@@ -289,6 +294,7 @@ for modality in ("ncct", "cta"):  # 2 shard files (split by file), 1 file (split
 """
 
 
+@pytest.mark.slow
 def test_multi_worker_input_streams_continue_where_they_stopped(converted, tmp_path):
     """Under MultiWorkerMirroredStrategy, skipping `patches_per_step` per step continues each worker's stream."""
     out, _ = converted
@@ -309,6 +315,7 @@ def test_multi_worker_input_streams_continue_where_they_stopped(converted, tmp_p
         assert sums[0] != sums[1], sums
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_checkpoint(converted, tiny_config, tmp_path):
     out, _ = converted
     args = ["train", "--stage", "ncct", "--data", str(out), "--warm-start", "none", "--config", str(tiny_config),
@@ -341,6 +348,7 @@ def _rewind(run: Path, step: int) -> None:
                                      f'all_model_checkpoint_paths: "ckpt-{step}"\n')
 
 
+@pytest.mark.slow
 def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(converted, tiny_config, tmp_path):
     """Resumed inside the L1 and inside the GAN phase, a run ends with the uninterrupted run's weights."""
     out, _ = converted
@@ -400,6 +408,7 @@ def test_mixed_precision_steps(policy):
         keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.mark.slow
 def test_bad_vgg_weights_stop_before_a_run_folder_is_made(converted, tiny_config, tmp_path):
     out, _ = converted
     result = run_cli("train", "--stage", "ncct", "--data", str(out), "--warm-start", "none", "--config",
@@ -451,6 +460,7 @@ def _scalars(event_dir: Path, tag: str) -> dict[int, float]:
     return values
 
 
+@pytest.mark.slow
 def test_logged_learning_rate_is_the_one_the_step_used(converted, tiny_config, tmp_path):
     """Steps 1-4 (L1) use 2e-3; GAN steps 5-6 use 1e-4 for G and D, steps 7-8 5e-5 (milestone 2).
     The rate logged at a step is that step's, not the next one's."""

@@ -93,12 +93,18 @@ def export_stage(generator: keras.Model, discriminator: keras.Model, models_dir:
     except Exception as exc:
         if fileio.is_disk_full(exc):
             raise ExportError(f"cannot export {stage} to {stage_dir}: no space left on the disk "
-                              f"({type(exc).__name__}: {exc}); nothing was kept there, free some space "
-                              f"and run the command again") from None
+                              f"({type(exc).__name__}: {_first_line(exc)}); nothing was kept there, free "
+                              f"some space and run the command again") from None
         raise
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (TensorFlow's run over several), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _write_version(generator: keras.Model, discriminator: keras.Model, stage_dir: Path, staging: Path,
@@ -168,9 +174,12 @@ def float32_copy(model: keras.Model) -> keras.Model:
     copy.set_weights(model.get_weights())
     mixed = [layer.name for layer in _layers(copy) if layer.compute_dtype != "float32"]
     paths, here = [v.path for v in copy.variables], [v.path for v in model.variables]
-    if mixed or paths != here:
-        raise ExportError(f"cannot make a float32 copy of {model.name} for export "
-                          f"({'layers ' + ', '.join(mixed) + ' not float32' if mixed else 'variable paths differ'})")
+    if mixed:
+        raise ExportError(f"cannot export {model.name} in float32: layers {', '.join(mixed)} of its copy "
+                          f"still compute in another dtype")
+    if paths != here:
+        raise ExportError(f"cannot export {model.name} in float32: its copy's variable paths differ "
+                          f"(first: {next(a for a, b in zip(paths + [None], here + [None]) if a != b)!r})")
     return copy
 
 
@@ -261,9 +270,8 @@ def load_saved_model(path: Path):
     try:
         return tf.saved_model.load(str(path))
     except Exception as exc:  # noqa: BLE001 - TensorFlow raises IndexError, OpError, ValueError, ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{path}: cannot load the SavedModel, the export is damaged or incomplete "
-                          f"({type(exc).__name__}: {reason}; e.g. a truncated variables file); "
+                          f"({type(exc).__name__}: {_first_line(exc)}; e.g. a truncated variables file); "
                           f"export it again or choose another") from None
 
 
