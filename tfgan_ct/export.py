@@ -34,7 +34,6 @@ import logging
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import keras
@@ -84,7 +83,6 @@ def export_stage(generator: keras.Model, discriminator: keras.Model, models_dir:
     try:
         stage_dir.mkdir(parents=True, exist_ok=True)
         fileio.remove_stale_staging(stage_dir)
-        _remove_legacy_staging(stage_dir)
         staging = fileio.make_staging(stage_dir, "export")
         return _write_version(float32_copy(generator), discriminator, stage_dir, staging, stage, window,
                               scale, metadata)
@@ -132,20 +130,6 @@ def _write_version(generator: keras.Model, discriminator: keras.Model, stage_dir
     raise ExportError(f"cannot export {stage}: {target} already exists ({RENAME_ATTEMPTS} version "
                       f"numbers tried); move away the integer-named entries in {stage_dir} that are "
                       f"not complete exports, and check that no other export writes there")
-
-
-def _remove_legacy_staging(stage_dir: Path) -> None:
-    """Remove `.partial-*` staging folders of tfgan-ct 0.1 exports (no owner recorded) that are
-    older than `fileio.LEGACY_STALE_SECONDS`: their export died long ago."""
-    for path in stage_dir.glob(".partial-*"):
-        try:
-            stale = path.is_dir() and time.time() - path.lstat().st_mtime > fileio.LEGACY_STALE_SECONDS
-        except OSError:
-            continue
-        if stale:
-            shutil.rmtree(path, ignore_errors=True)
-            if not path.exists():
-                log.warning("removed %s, left by an interrupted export", path)
 
 
 def _layers(model: keras.layers.Layer):

@@ -75,7 +75,9 @@ def make_staging(parent: Path, name: str) -> Path:
     return stage
 
 
-_STAGING = re.compile(r"\.(?P<name>.*)\.(?P<kind>partial|old)-(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-)?")
+# `.<name>.partial-<host>-<pid>-*`, `.<name>.old-<host>-<pid>-*`, and 0.1's `.<name>.partial-*`
+# and `.partial-*` (exports), which recorded no owner.
+_STAGING = re.compile(r"\.(?:(?P<name>.*)\.)?(?P<kind>partial|old)-(?:(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-)?")
 
 
 def _alive(pid: int) -> bool:
@@ -113,12 +115,12 @@ def remove_stale_staging(parent: Path, name: str | None = None) -> list[Path]:
         return removed
     for path in entries:
         match = _STAGING.match(path.name)
-        if match is None or (name is not None and match["name"] != name) or not _stale(match, path):
+        if match is None or (name is not None and match["name"] != name) or not _stale(match, path) \
+                or (match["name"] is None and match["kind"] == "old"):
             continue
-        final = parent / match["name"]
-        if match["kind"] == "old" and not os.path.lexists(final):
-            os.replace(path, final)
-            log.warning("put back %s: a run that was replacing it was interrupted", final)
+        if match["kind"] == "old" and not os.path.lexists(parent / match["name"]):
+            os.replace(path, parent / match["name"])
+            log.warning("put back %s: a run that was replacing it was interrupted", parent / match["name"])
             continue
         shutil.rmtree(path, ignore_errors=True)
         if not os.path.lexists(path):
