@@ -34,7 +34,7 @@ def small_cfg():
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory) -> Path:
     """Three synthetic patients (NCCT, CTP, CTA each), 128-pixel slices."""
-    from tfgan_ct.phantom import make_dataset
+    from tfgan_ct.demo.phantom import make_dataset
 
     out = tmp_path_factory.mktemp("phantom")
     make_dataset(out, n_patients=3, seed=0, size=128, ncct_slices=4, ctp_slices=2,
@@ -67,9 +67,9 @@ def tiny_export(tmp_path_factory) -> Path:
     Returns the models folder; the export is `<folder>/ncct/1`.
     """
     from tfgan_ct.config import Window
-    from tfgan_ct.discriminator import build_discriminator
-    from tfgan_ct.export import export_stage
-    from tfgan_ct.generator import build_generator
+    from tfgan_ct.model.discriminator import build_discriminator
+    from tfgan_ct.deploy.export import export_stage
+    from tfgan_ct.model.generator import build_generator
 
     models = tmp_path_factory.mktemp("models")
     export_stage(build_generator(num_blocks=1, features=8, growth=4), build_discriminator(32, features=8),

@@ -15,13 +15,13 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 
-from tfgan_ct import convert as convert_mod
-from tfgan_ct import resize
+from tfgan_ct.data import convert as convert_mod
+from tfgan_ct.data import resize
 from tfgan_ct.cli import main
 from tfgan_ct.config import load_config
-from tfgan_ct.masking import apply_mask, brain_mask
-from tfgan_ct.shards import read_records
-from tfgan_ct.splits import salted_hash
+from tfgan_ct.data.masking import apply_mask, brain_mask
+from tfgan_ct.data.shards import read_records
+from tfgan_ct.data.splits import salted_hash
 from conftest import SMALL_CONFIG
 
 

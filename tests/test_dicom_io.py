@@ -3,7 +3,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tfgan_ct import dicom_io
+from tfgan_ct.data import dicom_io
 
 
 @pytest.mark.parametrize("name", [
@@ -200,7 +200,7 @@ def test_empty_samples_per_pixel_in_legacy_file_is_skipped(tmp_path, shared_data
 
 def test_bad_header_does_not_stop_the_header_pass(tmp_path, shared_data):
     """The conversion's header pass (`pool.imap(frames_of)`) reports the file and goes on."""
-    from tfgan_ct import convert
+    from tfgan_ct.data import convert
 
     ds = pydicom.dcmread(shared_data / UNCR)
     ds.SamplesPerPixel = None

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tfgan_ct.discriminator import build_discriminator
+from tfgan_ct.model.discriminator import build_discriminator
 
 
 def test_vgg128_shapes_and_parameters():

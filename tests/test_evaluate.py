@@ -9,11 +9,12 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from tfgan_ct import evaluate, metrics, resize
+from tfgan_ct.evaluation import evaluate, metrics
+from tfgan_ct.data import resize
 from tfgan_ct.cli import main
 from tfgan_ct.config import load_config
-from tfgan_ct.data import load_manifest
-from tfgan_ct.shards import read_records
+from tfgan_ct.data.pipeline import load_manifest
+from tfgan_ct.data.shards import read_records
 from conftest import SMALL_CONFIG
 
 
@@ -126,8 +127,8 @@ def test_only_modality_asks_to_choose(tmp_path):
 def test_natural_model_on_ct_is_not_refused_for_its_window():
     """A natural-image model applied to CT as it is (a baseline) has no CT window to match."""
     from tfgan_ct.config import Window
-    from tfgan_ct.evaluate import EvaluationError, check_windows
-    from tfgan_ct.inference import Method
+    from tfgan_ct.evaluation.evaluate import EvaluationError, check_windows
+    from tfgan_ct.deploy.inference import Method
 
     natural = Method("natural", None, 4, {"stage": "natural", "window": {"center": 500.0, "width": 1000.0}})
     check_windows([natural], Window(40, 80), "ncct")

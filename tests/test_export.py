@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgan_ct import export
+from tfgan_ct.deploy import export
 from tfgan_ct.config import Window
-from tfgan_ct.discriminator import build_discriminator
-from tfgan_ct.generator import build_generator
+from tfgan_ct.model.discriminator import build_discriminator
+from tfgan_ct.model.generator import build_generator
 
 
 def export_tiny(models_dir: Path, num_blocks: int = 1) -> Path:

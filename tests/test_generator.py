@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tfgan_ct.generator import build_generator, flops_per_lr_pixel
+from tfgan_ct.model.generator import build_generator, flops_per_lr_pixel
 
 
 def test_paper_parameter_count():
@@ -39,7 +39,7 @@ def test_dense_block_by_source_equals_the_straightforward_block():
     import numpy as np
     import tensorflow as tf
 
-    from tfgan_ct.generator import ResidualDenseBlock
+    from tfgan_ct.model.generator import ResidualDenseBlock
 
     block = ResidualDenseBlock(16, 8)
     x = tf.constant(np.random.default_rng(0).normal(size=(2, 9, 7, 16)).astype("float32"))
@@ -85,7 +85,7 @@ def test_upsample_conv_equals_nearest_upsampling_then_conv(h, w):
     import keras
     import tensorflow as tf
 
-    from tfgan_ct.generator import UpsampleConv2D
+    from tfgan_ct.model.generator import UpsampleConv2D
 
     rng = np.random.default_rng(h * w)
     x = tf.constant(rng.normal(size=(2, h, w, 6)).astype("float32"))
@@ -101,7 +101,7 @@ def test_upsample_conv_equals_nearest_upsampling_then_conv(h, w):
 def test_high_res_conv_equals_conv2d_with_its_gradients(filters):
     import tensorflow as tf
 
-    from tfgan_ct.generator import HighResConv2D
+    from tfgan_ct.model.generator import HighResConv2D
 
     rng = np.random.default_rng(filters)
     x = tf.constant(rng.normal(size=(2, 9, 7, 5)).astype("float32"))
@@ -111,7 +111,7 @@ def test_high_res_conv_equals_conv2d_with_its_gradients(filters):
 
 
 def test_custom_layers_refuse_other_convolutions():
-    from tfgan_ct.generator import HighResConv2D, UpsampleConv2D
+    from tfgan_ct.model.generator import HighResConv2D, UpsampleConv2D
 
     for cls in (HighResConv2D, UpsampleConv2D):
         with pytest.raises(ValueError, match="plain 3x3"):

@@ -24,7 +24,7 @@ from pydicom.encaps import encapsulate
 from pydicom.tag import Tag
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from tfgan_ct import dicom_io
+from tfgan_ct.data import dicom_io
 from tfgan_ct.cli import main
 from conftest import SHARED, SMALL_CONFIG
 

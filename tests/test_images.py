@@ -12,12 +12,13 @@ import yaml
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from tfgan_ct import data, export, resize
+from tfgan_ct.data import pipeline, resize
+from tfgan_ct.deploy import export
 from tfgan_ct.cli import main
 from tfgan_ct.config import load_config
-from tfgan_ct.images import convert_images, write_sample_images
-from tfgan_ct.shards import read_records
-from tfgan_ct.splits import salted_hash
+from tfgan_ct.data.images import convert_images, write_sample_images
+from tfgan_ct.data.shards import read_records
+from tfgan_ct.data.splits import salted_hash
 from conftest import SMALL_CONFIG
 
 SALT = "tfgan-ct:0"  # salt derived from the default seed
@@ -294,10 +295,10 @@ def natural_run(tmp_path_factory):
 def test_natural_dataset_reads_and_the_stage_trains_and_exports(natural_run):
     tiny, natural, models, _ = natural_run
     cfg = load_config(tiny)
-    batch = next(iter(data.train_dataset(natural, "natural", cfg, seed=0)))
+    batch = next(iter(pipeline.train_dataset(natural, "natural", cfg, seed=0)))
     assert batch["lr"].shape == (4, 8, 8, 1) and batch["hr"].shape == (4, 32, 32, 1)
     assert 0 <= float(batch["hr"].numpy().min()) and float(batch["hr"].numpy().max()) <= 1
-    whole = next(iter(data.eval_dataset(natural, "validation", "natural", cfg)))
+    whole = next(iter(pipeline.eval_dataset(natural, "validation", "natural", cfg)))
     assert whole["hr"].shape[0] == 4 * whole["lr"].shape[0] and bool(whole["mask"].numpy().all())
     meta = export.read_metadata(models / "natural" / "1")
     assert meta["stage"] == "natural" and meta["steps"] == 4 and meta["modality"] == "natural"
@@ -305,7 +306,7 @@ def test_natural_dataset_reads_and_the_stage_trains_and_exports(natural_run):
 
 
 def test_ncct_default_warm_start_is_the_natural_export(natural_run, converted):
-    from tfgan_ct.train import train_stage
+    from tfgan_ct.training.train import train_stage
 
     tiny, _, models, runs = natural_run
     ct, _ = converted
@@ -323,7 +324,7 @@ def test_help_lists_convert_images():
 
 
 def test_list_images_keys_for_a_glob_match_the_folder_and_ignore_input_order(tmp_path):
-    from tfgan_ct.images import list_images
+    from tfgan_ct.data.images import list_images
 
     names = make_set(tmp_path / "DIV2K", 4)
     (tmp_path / "DIV2K/sub").mkdir()
@@ -345,8 +346,8 @@ def test_list_images_keys_for_a_glob_match_the_folder_and_ignore_input_order(tmp
 
 
 def test_list_images_collisions_prefixed_by_folder_or_refused(tmp_path):
-    from tfgan_ct.convert import ConvertError
-    from tfgan_ct.images import list_images
+    from tfgan_ct.data.convert import ConvertError
+    from tfgan_ct.data.images import list_images
 
     make_set(tmp_path / "a", 2)  # img00.png, img01.png
     make_set(tmp_path / "b", 3)  # img00..02.png

@@ -6,8 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from tfgan_ct import inference, resize
-from tfgan_ct.generator import build_generator
+from tfgan_ct.deploy import inference
+from tfgan_ct.data import resize
+from tfgan_ct.model.generator import build_generator
 
 
 def keras_method(num_blocks=1):

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from tfgan_ct import export
+from tfgan_ct.deploy import export
 from conftest import SMALL_CONFIG
 from test_train import TINY
 

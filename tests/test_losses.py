@@ -1,8 +1,8 @@
 import numpy as np
 import tensorflow as tf
 
-from tfgan_ct import losses
-from tfgan_ct.vgg import build_feature_extractor
+from tfgan_ct.model import losses
+from tfgan_ct.model.vgg import build_feature_extractor
 
 
 def bce(p, label):
@@ -45,7 +45,7 @@ def test_vgg_features_are_pre_activation():
 def test_bad_vgg_weights_setting_is_named(tmp_path):
     import pytest
 
-    from tfgan_ct.vgg import FeatureExtractorError
+    from tfgan_ct.model.vgg import FeatureExtractorError
 
     broken = tmp_path / "vgg.weights.h5"
     broken.write_bytes(b"not an HDF5 file")

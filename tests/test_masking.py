@@ -1,8 +1,8 @@
 import numpy as np
 
-from tfgan_ct import dicom_io
+from tfgan_ct.data import dicom_io
 from tfgan_ct.config import MaskSettings
-from tfgan_ct.masking import apply_mask, brain_mask, largest_component
+from tfgan_ct.data.masking import apply_mask, brain_mask, largest_component
 
 
 def synthetic_head(size=256):
@@ -58,7 +58,7 @@ def test_real_head_slice(shared_data):
 def test_fast_morphology_equals_scipy():
     from scipy import ndimage
 
-    from tfgan_ct.masking import dilate, erode, fill_holes
+    from tfgan_ct.data.masking import dilate, erode, fill_holes
 
     rng = np.random.default_rng(0)
     m = ndimage.gaussian_filter(rng.random((80, 90)), 2) > 0.5

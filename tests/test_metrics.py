@@ -1,4 +1,4 @@
-"""Tests for tfgan_ct.metrics against scikit-image and hand computation."""
+"""Tests for tfgan_ct.evaluation.metrics against scikit-image and hand computation."""
 import importlib.util
 import math
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 from scipy.signal import correlate2d
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from tfgan_ct.metrics import psnr, rgb_to_y, shave, ssim, ssim_map
+from tfgan_ct.evaluation.metrics import psnr, rgb_to_y, shave, ssim, ssim_map
 
 REPO = Path(__file__).resolve().parents[1]
 SET5 = Path(__file__).resolve().parents[2] / "shared/data/natural/Set5"

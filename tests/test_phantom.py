@@ -1,4 +1,4 @@
-"""Tests for the synthetic head CT phantom (tfgan_ct.phantom), read back with pydicom."""
+"""Tests for the synthetic head CT phantom (tfgan_ct.demo.phantom), read back with pydicom."""
 import importlib.util
 from collections import Counter
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tfgan_ct.phantom import make_dataset, make_study
+from tfgan_ct.demo.phantom import make_dataset, make_study
 
 SIZE = 128
 STUDY = dict(ncct_slices=4, ctp_slices=2, ctp_timepoints=16, cta_slices=8)

@@ -1,10 +1,10 @@
-"""Tests for tfgan_ct.resize against a naive implementation of the formula."""
+"""Tests for tfgan_ct.data.resize against a naive implementation of the formula."""
 import math
 
 import numpy as np
 import pytest
 
-from tfgan_ct.resize import downscale, imresize, imresize_uint8, upscale
+from tfgan_ct.data.resize import downscale, imresize, imresize_uint8, upscale
 
 # Keys cubic kernel, a = -0.5, evaluated by hand:
 #   |x| <= 1:     1.5|x|^3 - 2.5|x|^2 + 1

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgan_ct import export, serving
+from tfgan_ct.deploy import export, serving
 from tfgan_ct.config import Window
-from tfgan_ct.discriminator import build_discriminator
-from tfgan_ct.generator import build_generator
+from tfgan_ct.model.discriminator import build_discriminator
+from tfgan_ct.model.generator import build_generator
 from conftest import REPO
 
 model_server_config_pb2 = pytest.importorskip("tensorflow_serving.config.model_server_config_pb2")
@@ -221,8 +221,8 @@ def test_errors_name_the_url_and_the_problem(standin, monkeypatch):
 
 
 def test_standin_command_line(models_dir):
-    """`python -m tfgan_ct.serving standin` prints its URL, answers, and stops on SIGTERM."""
-    process = subprocess.Popen([sys.executable, "-m", "tfgan_ct.serving", "standin", "--models-dir",
+    """`python -m tfgan_ct.deploy.serving standin` prints its URL, answers, and stops on SIGTERM."""
+    process = subprocess.Popen([sys.executable, "-m", "tfgan_ct.deploy.serving", "standin", "--models-dir",
                                 str(models_dir), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
     try:

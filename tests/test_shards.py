@@ -2,7 +2,7 @@
 import numpy as np
 import tensorflow as tf
 
-from tfgan_ct.shards import RecordMeta, ShardWriter, decode_numpy, encode, read_records
+from tfgan_ct.data.shards import RecordMeta, ShardWriter, decode_numpy, encode, read_records
 
 
 def sample():

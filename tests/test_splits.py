@@ -2,7 +2,7 @@ from fractions import Fraction
 
 import pytest
 
-from tfgan_ct import splits
+from tfgan_ct.data import splits
 
 
 def test_ratio_counts_match_paper():

@@ -18,13 +18,13 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from tfgan_ct import export
+from tfgan_ct.deploy import export
 from tfgan_ct.config import load_config
-from tfgan_ct.discriminator import build_discriminator
-from tfgan_ct.gan import TransferGAN
-from tfgan_ct.generator import build_generator
-from tfgan_ct.train import TrainingError, train_stage
-from tfgan_ct.vgg import build_feature_extractor
+from tfgan_ct.model.discriminator import build_discriminator
+from tfgan_ct.model.gan import TransferGAN
+from tfgan_ct.model.generator import build_generator
+from tfgan_ct.training.train import TrainingError, train_stage
+from tfgan_ct.model.vgg import build_feature_extractor
 from conftest import REPO, SMALL_CONFIG
 
 TINY = {
@@ -103,7 +103,7 @@ def fixed_batch():
 
 def test_learning_rate_switches_at_the_first_update_of_a_phase_and_after_milestones():
     from tfgan_ct.config import PhaseSettings
-    from tfgan_ct.gan import halving_schedule
+    from tfgan_ct.model.gan import halving_schedule
 
     l1 = PhaseSettings(steps=4, learning_rate=2e-4, milestones=[2])
     gan = PhaseSettings(steps=4, learning_rate=1e-4, milestones=[1, 3])
@@ -269,19 +269,19 @@ import sys
 import numpy as np
 import tensorflow as tf
 strategy = tf.distribute.MultiWorkerMirroredStrategy()  # first: before any other TensorFlow op
-from tfgan_ct import data
+from tfgan_ct.data import pipeline
 from tfgan_ct.config import load_config
-from tfgan_ct.train import worker_position
+from tfgan_ct.training.train import worker_position
 
 cfg = load_config(sys.argv[2])
 workers, worker = worker_position(strategy)
 assert (workers, worker) == (2, int(sys.argv[3])), (workers, worker)
 for modality in ("ncct", "cta"):  # 2 shard files (split by file), 1 file (split by record)
-    n_files = len(data.shard_files(sys.argv[1], "train", modality))
-    per_step = data.patches_per_step(2, cfg.data.batch_size)
+    n_files = len(pipeline.shard_files(sys.argv[1], "train", modality))
+    per_step = pipeline.patches_per_step(2, cfg.data.batch_size)
 
     def steps(start, n):
-        ds = data.train_dataset(sys.argv[1], modality, cfg, seed=5, start=start, workers=2, worker=worker)
+        ds = pipeline.train_dataset(sys.argv[1], modality, cfg, seed=5, start=start, workers=2, worker=worker)
         it = iter(strategy.experimental_distribute_dataset(ds))
         return [strategy.experimental_local_results(next(it))[0]["hr"].numpy() for _ in range(n)]
 
@@ -372,7 +372,7 @@ def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(converted, tiny_co
 
 
 def test_non_finite_loss_stops_with_a_clear_message(converted, tiny_config, tmp_path, monkeypatch):
-    from tfgan_ct import train as train_mod
+    from tfgan_ct.training import train as train_mod
 
     out, _ = converted
     real = train_mod.data.train_dataset
@@ -481,7 +481,7 @@ def test_logged_learning_rate_is_the_one_the_step_used(converted, tiny_config, t
 
 
 def test_validation_panel_follows_the_dataset_scale():
-    from tfgan_ct.train import validation_panel
+    from tfgan_ct.training.train import validation_panel
 
     lr = np.arange(6, dtype=np.float32).reshape(2, 3)
     for scale in (2, 4):
@@ -496,7 +496,7 @@ def _real_lr_slice(shared: Path) -> np.ndarray:
     """A real head CT slice in the NCCT window (40/80 HU), bicubic-downscaled x8: float32 [1, 64, 64, 1]."""
     import pydicom
 
-    from tfgan_ct import resize
+    from tfgan_ct.data import resize
 
     ds = pydicom.dcmread(shared / "dicom/head-ncct/pydicom-data_693_UNCR.dcm")
     hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)

@@ -18,7 +18,8 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 
-from tfgan_ct import dicom_io, inference, resize, upscale
+from tfgan_ct.data import dicom_io, resize
+from tfgan_ct.deploy import inference, upscale
 from tfgan_ct.cli import main
 from tfgan_ct.config import Window, load_config
 from conftest import SMALL_CONFIG
@@ -146,7 +147,7 @@ def test_nothing_usable(shared_data, cfg, tmp_path):
 
 def test_upscale_through_a_serving_endpoint_matches_the_local_model(phantom_dir, tiny_export, tmp_path):
     """`--server`: the REST client against the loopback stand-in for TensorFlow Serving."""
-    from tfgan_ct import serving
+    from tfgan_ct.deploy import serving
 
     server = serving.start_standin(tiny_export)
     url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from tfgan_ct.stages import CT_MODALITIES, NATURAL, STAGES
 from tfgan_ct.version import __version__
 
 
@@ -44,28 +45,26 @@ def config_options(fn):
                   help="Override one setting, e.g. --set convert.patch_size=64 (repeatable).")
     @functools.wraps(fn)
     def wrapper(*args, config_file=None, overrides=(), **kwargs):
-        from tfgan_ct.config import ConfigError, load_config
+        from tfgan_ct.config import load_config
 
-        try:
-            cfg = load_config(config_file, overrides)
-        except ConfigError as exc:
-            raise click.ClickException(str(exc)) from None
+        cfg = load_config(config_file, overrides)
         return fn(*args, cfg=cfg, **kwargs)
     return wrapper
 
 
 def error_message(exc: Exception) -> str | None:
     """The one-line message for an error a command ended with; None for a programming
-    error, which keeps its traceback. The package's own errors say what is wrong; a
-    full disk and other operating-system errors are named with their file."""
+    error, which keeps its traceback. The package's own errors (TfganError) say what
+    is wrong; a full disk and other operating-system errors are named with their file."""
+    from tfgan_ct.errors import TfganError
     from tfgan_ct.fileio import is_disk_full
 
+    if isinstance(exc, TfganError):
+        return str(exc)
     if is_disk_full(exc):
         where = getattr(exc, "filename", None)
         return (f"disk full{f' writing {where}' if where else ''}: nothing half-written was kept; "
                 f"free some space and run the command again")
-    if type(exc).__module__.startswith("tfgan_ct."):
-        return str(exc)
     if isinstance(exc, OSError):
         return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
     return None
@@ -107,7 +106,7 @@ def _split_options(cfg, split: str | None, seed: int | None) -> None:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
-@click.option("--modality", type=click.Choice(["auto", "ncct", "ctp", "cta"]), default="auto",
+@click.option("--modality", type=click.Choice(["auto", *CT_MODALITIES]), default="auto",
               show_default=True, help="Force a modality, or decide per series from the headers.")
 @click.option("--split", default=None, metavar="T:V:T",
               help="Patients per train:validation:test, counts or fractions (config default 4:2:3).")
@@ -126,15 +125,11 @@ def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, n
     slices; OUT/manifest.json describes the dataset, OUT/config.yaml holds the
     settings used and OUT/convert.log what happened.
     """
-    from tfgan_ct.config import ConfigError
-    from tfgan_ct.convert import ConvertError, convert as run
+    from tfgan_ct.data.convert import convert as run
 
     _split_options(cfg, split, seed)
-    try:
-        summary = run(inputs, out, cfg, modality=modality, split_csv=split_csv, workers=workers,
-                      overwrite=overwrite, progress=not no_progress)
-    except (ConvertError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from None
+    summary = run(inputs, out, cfg, modality=modality, split_csv=split_csv, workers=workers,
+                  overwrite=overwrite, progress=not no_progress)
     n = sum(summary.records.values())
     click.echo(f"wrote {n} record(s) from {sum(summary.slices.values())} slice(s) to {out} "
                f"({len(summary.skipped)} file(s) skipped)")
@@ -162,23 +157,18 @@ def convert_images(inputs, out, split, split_csv, seed, workers, overwrite, no_p
     hold HR/LR patches, validation and test shards whole images; the output
     folder looks like the one `tfgan-ct convert` makes, with modality natural.
     """
-    from tfgan_ct.config import ConfigError
-    from tfgan_ct.convert import ConvertError
-    from tfgan_ct.images import convert_images as run
+    from tfgan_ct.data.images import convert_images as run
 
     _split_options(cfg, split, seed)
-    try:
-        summary = run(inputs, out, cfg, split_csv=split_csv, workers=workers, overwrite=overwrite,
-                      progress=not no_progress)
-    except (ConvertError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from None
+    summary = run(inputs, out, cfg, split_csv=split_csv, workers=workers, overwrite=overwrite,
+                  progress=not no_progress)
     n = sum(summary.records.values())
     click.echo(f"wrote {n} record(s) from {sum(summary.slices.values())} image(s) to {out} "
                f"({len(summary.skipped)} file(s) skipped)")
 
 
 @main.command()
-@click.option("--stage", required=True, type=click.Choice(["natural", "ncct", "ctp", "cta"]),
+@click.option("--stage", required=True, type=click.Choice(STAGES),
               help="Stage of the chain natural -> ncct -> ctp -> cta.")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Dataset folder made by `tfgan-ct convert` (or convert-images).")
@@ -198,14 +188,10 @@ def train(stage, data_dir, warm_start, models_dir, runs_dir, gpus, restart, cfg)
     Several GPUs are used with MirroredStrategy; several machines with
     MultiWorkerMirroredStrategy when TF_CONFIG names several workers.
     """
-    from tfgan_ct.export import ExportError
-    from tfgan_ct.train import TrainingError, choose_strategy, train_stage
+    from tfgan_ct.training.train import choose_strategy, train_stage
 
-    try:
-        result = train_stage(stage, data_dir, cfg, warm_start=warm_start, models_dir=models_dir,
-                             runs_dir=runs_dir, strategy=choose_strategy(gpus), restart=restart)
-    except (TrainingError, ExportError) as exc:
-        raise click.ClickException(str(exc)) from None
+    result = train_stage(stage, data_dir, cfg, warm_start=warm_start, models_dir=models_dir,
+                         runs_dir=runs_dir, strategy=choose_strategy(gpus), restart=restart)
     click.echo(f"{stage}: {result.steps} steps; run {result.run_dir}; export {result.export_dir}")
 
 
@@ -225,23 +211,16 @@ def _window_option(value: str | None):
 
 
 def _load_methods(specs, models_dir, server=None):
-    from tfgan_ct.inference import InferenceError, load
+    from tfgan_ct.deploy.inference import load
 
-    try:
-        return [load(spec, models_dir, server) for spec in specs]
-    except InferenceError as exc:
-        raise click.ClickException(str(exc)) from None
+    return [load(spec, models_dir, server) for spec in specs]
 
 
 def _test_slices(data_dir, modality, split, limit, cfg):
-    from tfgan_ct.data import DataError
-    from tfgan_ct.evaluate import EvaluationError, load_slices, only_modality
+    from tfgan_ct.evaluation.evaluate import load_slices, only_modality
 
-    try:
-        modality = modality or only_modality(data_dir, split)
-        slices = load_slices(data_dir, modality, cfg, split, limit)
-    except (DataError, EvaluationError) as exc:
-        raise click.ClickException(str(exc)) from None
+    modality = modality or only_modality(data_dir, split)
+    slices = load_slices(data_dir, modality, cfg, split, limit)
     if not slices:
         raise click.ClickException(f"{data_dir}: no {split} slices of modality {modality}")
     return modality, slices
@@ -258,7 +237,7 @@ _SPLIT = click.option("--split", type=click.Choice(["test", "validation"]), defa
 _METHODS = click.argument("methods", nargs=-1, required=True)
 _DATA = click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
                      help="Dataset folder made by `tfgan-ct convert`.")
-_MODALITY = click.option("--modality", type=click.Choice(["ncct", "ctp", "cta", "natural"]), default=None,
+_MODALITY = click.option("--modality", type=click.Choice([*CT_MODALITIES, NATURAL]), default=None,
                          help="Modality of the slices (default: the only one the split holds).")
 
 
@@ -288,8 +267,8 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
     or `bicubic`. Metrics are computed on the [0, 1] windowed slices inside the
     brain mask, and over the whole slice as a second figure.
     """
-    from tfgan_ct.evaluate import EvaluationError, check_windows, evaluate as run, markdown, summarize, write_outputs
-    from tfgan_ct.inference import BICUBIC, InferenceError
+    from tfgan_ct.deploy.inference import BICUBIC
+    from tfgan_ct.evaluation.evaluate import check_windows, evaluate as run, markdown, summarize, write_outputs
     from tfgan_ct.logs import log_to_file
 
     specs = list(dict.fromkeys([BICUBIC, *methods]))
@@ -297,12 +276,9 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
     Path(out).mkdir(parents=True, exist_ok=True)
     with log_to_file(Path(out) / "evaluate.log"):
         loaded = _load_methods(specs, models_dir, server)
-        try:
-            check_windows(loaded, cfg.modalities.get(modality).window, modality)
-            results = run(loaded, slices, modality, split, tile, tile_pad, progress=not no_progress)
-            table = summarize(results, baseline, alpha)
-        except (EvaluationError, InferenceError) as exc:
-            raise click.ClickException(str(exc)) from None
+        check_windows(loaded, cfg.modalities.get(modality).window, modality)
+        results = run(loaded, slices, modality, split, tile, tile_pad, progress=not no_progress)
+        table = summarize(results, baseline, alpha)
         paths = write_outputs(results, table, out)
         cfg.save(Path(out) / "config.yaml")
     click.echo(markdown(table))
@@ -329,8 +305,8 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
 def compare(methods, data_dir, out, indices, count, roi, panel, modality, split, models_dir, tile, tile_pad,
             cfg):
     """Figure in the style of the paper's Figure 2: bicubic, METHODS, ground truth, zoomed region."""
-    from tfgan_ct.evaluate import EvaluationError, check_windows
-    from tfgan_ct.figure import compare as make, save_png
+    from tfgan_ct.evaluation.evaluate import check_windows
+    from tfgan_ct.evaluation.compare import compare as make, save_png
 
     try:
         index_list = [int(v) for v in indices.split(",")] if indices else None
@@ -341,10 +317,7 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
         raise click.BadParameter("--roi takes Y,X,SIZE")
     modality, slices = _test_slices(data_dir, modality, split, None, cfg)
     loaded = _load_methods([m for m in methods if m != "bicubic"], models_dir)
-    try:
-        check_windows(loaded, cfg.modalities.get(modality).window, modality)
-    except EvaluationError as exc:
-        raise click.ClickException(str(exc)) from None
+    check_windows(loaded, cfg.modalities.get(modality).window, modality)
     try:
         image = make(slices, loaded, count, index_list, region, panel, tile, tile_pad)
     except ValueError as exc:
@@ -382,19 +355,15 @@ def upscale(inputs, out, spec, server, fmt, window, outside_window, models_dir, 
     The output keeps the source's patient and study, with new series and
     instance UIDs, DERIVED image type, 4x rows and columns and PixelSpacing / 4.
     """
-    from tfgan_ct.inference import InferenceError
-    from tfgan_ct.upscale import UpscaleError, upscale as run
+    from tfgan_ct.deploy.upscale import upscale as run
 
     method = _load_methods([spec], models_dir, server)[0]
     if server and window is None:
-        logging.getLogger("tfgan_ct.upscale").warning(
+        logging.getLogger("tfgan_ct.deploy.upscale").warning(
             "--server: the served model's HU window is not known here; using the config's window for "
             "stage %r. Pass --window C,W if the model was trained with another one", method.metadata["stage"])
-    try:
-        summary = run(inputs, out, method, cfg, fmt, _window_option(window), outside_window, tile, tile_pad,
-                      overwrite, progress=not no_progress)
-    except (UpscaleError, InferenceError) as exc:
-        raise click.ClickException(str(exc)) from None
+    summary = run(inputs, out, method, cfg, fmt, _window_option(window), outside_window, tile, tile_pad,
+                  overwrite, progress=not no_progress)
     click.echo(f"wrote {summary.images} image(s) in {len(summary.series)} series to {out} "
                f"({len(summary.skipped)} file(s) skipped)")
 
@@ -427,19 +396,16 @@ def quickstart(out, patients, overwrite, no_progress, config_file, overrides):
     configuration, evaluates against bicubic and Scratch, draws a figure and
     upscales a DICOM series; a few minutes on two CPU cores, no network.
     """
-    from tfgan_ct.config import ConfigError, load_config
-    from tfgan_ct.quickstart import QuickstartError, run, summary_lines
+    from tfgan_ct.config import load_config
+    from tfgan_ct.demo.quickstart import run, summary_lines
 
     if config_file is None:
         config_file = bundled_config("quickstart.yaml")
         if not config_file.is_file():
             raise click.ClickException(f"{config_file} not found (an incomplete installation?); "
                                        f"pass --config FILE")
-    try:
-        cfg = load_config(config_file, overrides)
-        result = run(out, cfg, patients=patients, overwrite=overwrite, progress=not no_progress)
-    except (ConfigError, QuickstartError) as exc:
-        raise click.ClickException(str(exc)) from None
+    cfg = load_config(config_file, overrides)
+    result = run(out, cfg, patients=patients, overwrite=overwrite, progress=not no_progress)
     click.echo("\n".join(summary_lines(result)))
 
 

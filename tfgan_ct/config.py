@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from tfgan_ct.errors import TfganError
 
-class ConfigError(ValueError):
+
+class ConfigError(TfganError, ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
@@ -37,6 +40,32 @@ class Window:
     def floor(self) -> float:
         """Lowest HU of the window (maps to 0)."""
         return self.center - self.width / 2
+
+    def to_unit(self, hu):
+        """HU -> [0, 1], clipped: a NumPy array (float32) or a float32 TensorFlow tensor."""
+        unit = (hu - np.float32(self.floor)) * np.float32(1.0 / self.width)
+        if type(unit).__module__.startswith("tensorflow"):
+            import tensorflow as tf
+
+            return tf.clip_by_value(unit, 0.0, 1.0)
+        return np.clip(unit, 0.0, 1.0).astype(np.float32, copy=False)
+
+    def from_unit(self, unit):
+        """[0, 1] -> HU (the inverse of `to_unit` inside the window), same type as `unit`."""
+        return unit * np.float32(self.width) + np.float32(self.floor)
+
+    def contains(self, hu):
+        """Where `hu` lies inside the window (floor <= HU <= floor + width), element-wise."""
+        return (hu >= self.floor) & (hu <= self.floor + self.width)
+
+    def as_dict(self) -> dict[str, float]:
+        """{"center": C, "width": W}, as exports and manifests store it."""
+        return {"center": self.center, "width": self.width}
+
+    @classmethod
+    def from_dict(cls, value: dict) -> "Window":
+        """The window stored by `as_dict`."""
+        return cls(float(value["center"]), float(value["width"]))
 
 
 @dataclass
@@ -113,7 +142,7 @@ class ConvertSettings:
 
 @dataclass
 class DataSettings:
-    """Input pipeline (`tfgan_ct.data`)."""
+    """Input pipeline (`tfgan_ct.data.pipeline`)."""
 
     batch_size: int = 16           # global batch (split over replicas)
     shuffle_buffer: int = 4096

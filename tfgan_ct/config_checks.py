@@ -16,7 +16,7 @@ import dataclasses
 import math
 from typing import Any, Callable
 
-from tfgan_ct import splits
+from tfgan_ct.data import splits
 from tfgan_ct.config import (Config, ConfigError, ConvertSettings, DataSettings, MaskSettings, Modalities,
                              ModalityRules, ModalitySettings, ModelSettings, PhaseSettings, TrainSettings,
                              Window)

@@ -21,13 +21,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from tfgan_ct.errors import TfganError
+
 log = logging.getLogger("tfgan_ct.fileio")
 
 # Staging folders of tfgan-ct 0.1 had no process id; they count as stale after this long.
 LEGACY_STALE_SECONDS = 3600
 
 
-class OutputError(RuntimeError):
+class OutputError(TfganError, RuntimeError):
     """An output location that must not be written or replaced."""
 
 

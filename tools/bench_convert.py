@@ -42,8 +42,8 @@ def main(argv=None) -> None:
     import tensorflow  # noqa: F401 - import outside the timed region
 
     from tfgan_ct.config import Config
-    from tfgan_ct.convert import convert
-    from tfgan_ct.phantom import make_dataset
+    from tfgan_ct.data.convert import convert
+    from tfgan_ct.demo.phantom import make_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

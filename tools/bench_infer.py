@@ -35,15 +35,15 @@ DEFAULT_TILE, DEFAULT_PAD = 256, 16  # the `tfgan-ct upscale` defaults
 def export_paper_generator(folder: Path) -> Path:
     """Export the paper generator (random weights) under `folder`; returns the version folder."""
     from tfgan_ct.config import Window
-    from tfgan_ct.discriminator import build_discriminator
-    from tfgan_ct.export import export_stage
-    from tfgan_ct.generator import build_generator
+    from tfgan_ct.model.discriminator import build_discriminator
+    from tfgan_ct.deploy.export import export_stage
+    from tfgan_ct.model.generator import build_generator
 
     return export_stage(build_generator(), build_discriminator(128), folder, "ncct", Window(40, 80), 4, {})
 
 
 def seconds_per_slice(method, lr, tile: int, pad: int, slices: int) -> float:
-    from tfgan_ct.inference import upscale_image
+    from tfgan_ct.deploy.inference import upscale_image
 
     upscale_image(method, lr, tile, pad)  # warm-up: traces the shapes
     start = time.perf_counter()
@@ -55,7 +55,7 @@ def seconds_per_slice(method, lr, tile: int, pad: int, slices: int) -> float:
 def memory_child(path: str, lr_size: int, tile: int, pad: int) -> None:
     import numpy as np
 
-    from tfgan_ct.inference import saved_model, upscale_image
+    from tfgan_ct.deploy.inference import saved_model, upscale_image
 
     method = saved_model(path)
     upscale_image(method, np.random.default_rng(0).random((lr_size, lr_size), np.float32), tile, pad)
@@ -77,8 +77,8 @@ def main(argv=None) -> None:
 
     import numpy as np
 
-    from tfgan_ct.generator import flops_per_lr_pixel
-    from tfgan_ct.inference import saved_model, tiles
+    from tfgan_ct.model.generator import flops_per_lr_pixel
+    from tfgan_ct.deploy.inference import saved_model, tiles
 
     tf_peak, np_peak = matmul_peak(), numpy_matmul_peak()
     peak = max(tf_peak, np_peak)

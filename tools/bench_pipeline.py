@@ -3,7 +3,7 @@
     python tools/bench_pipeline.py [--patients 2] [--seconds 8] [--batch 16] [--skip 100000]
 
 Converts a phantom study with the paper's patch size (128, stride 64 to get
-more patches), then times `tfgan_ct.data.train_dataset` (parse, window,
+more patches), then times `tfgan_ct.data.pipeline.train_dataset` (parse, window,
 random flips/rotations, shuffle, batch, prefetch) against the baseline of
 reading the same TFRecord files raw, in the same process: unseeded (any
 order) and seeded (one fixed order, as training runs it), and how fast a
@@ -69,10 +69,10 @@ def main(argv=None) -> None:
 
     import tensorflow as tf
 
-    from tfgan_ct import data
+    from tfgan_ct.data import pipeline
     from tfgan_ct.config import load_config
-    from tfgan_ct.convert import convert
-    from tfgan_ct.phantom import make_dataset
+    from tfgan_ct.data.convert import convert
+    from tfgan_ct.demo.phantom import make_dataset
 
     cfg = load_config(None, ["convert.patch_stride=64", "convert.split=1:0:0", "convert.shard_size=512",
                              f"data.batch_size={args.batch}"])
@@ -84,12 +84,12 @@ def main(argv=None) -> None:
               f"{len(list((tmp / 'data').glob('train-*')))} shards; batch {args.batch}; "
               f"{os.cpu_count()} core(s)")
         for modality in ("ncct", "ctp", "cta"):
-            files = data.shard_files(tmp / "data", "train", modality)
+            files = pipeline.shard_files(tmp / "data", "train", modality)
             raw = tf.data.TFRecordDataset(files).repeat().batch(args.batch).prefetch(tf.data.AUTOTUNE)
             base, base_cpu = rate(raw, args.seconds / 2)
-            full, full_cpu = rate(data.train_dataset(tmp / "data", modality, cfg), args.seconds)
-            seeded, seeded_cpu = rate(data.train_dataset(tmp / "data", modality, cfg, seed=0), args.seconds)
-            skip = skip_rate(lambda start: data.train_dataset(tmp / "data", modality, cfg, seed=0, start=start),
+            full, full_cpu = rate(pipeline.train_dataset(tmp / "data", modality, cfg), args.seconds)
+            seeded, seeded_cpu = rate(pipeline.train_dataset(tmp / "data", modality, cfg, seed=0), args.seconds)
+            skip = skip_rate(lambda start: pipeline.train_dataset(tmp / "data", modality, cfg, seed=0, start=start),
                              args.skip)
             print(f"{modality}: raw TFRecord read {base:7.0f} records/s ({base_cpu:5.1f} us CPU each) | "
                   f"train_dataset {full:7.0f} patches/s ({full_cpu:5.1f} us CPU each), ratio {full / base:.2f} | "

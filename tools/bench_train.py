@@ -15,7 +15,7 @@ Prints, for the paper configuration (23 RRDB blocks, 64/32 channels):
   a separate process.
 
 The generator costs about 36 MFLOP per LR pixel forward
-(`tfgan_ct.generator.flops_per_lr_pixel`); a training step is counted as 3x.
+(`tfgan_ct.model.generator.flops_per_lr_pixel`); a training step is counted as 3x.
 
 Shared cores make single measurements swing by 10-30 %. So the peaks, the
 convolution ceiling and the generator step are measured in --rounds
@@ -105,10 +105,10 @@ def build(batch: int, lr_size: int, vgg_weights: str = "none"):
     import tensorflow as tf
 
     from tfgan_ct.config import Config
-    from tfgan_ct.discriminator import build_discriminator
-    from tfgan_ct.gan import TransferGAN
-    from tfgan_ct.generator import build_generator
-    from tfgan_ct.vgg import build_feature_extractor
+    from tfgan_ct.model.discriminator import build_discriminator
+    from tfgan_ct.model.gan import TransferGAN
+    from tfgan_ct.model.generator import build_generator
+    from tfgan_ct.model.vgg import build_feature_extractor
 
     cfg = Config()
     model = TransferGAN(build_generator(), build_discriminator(lr_size * 4),
@@ -160,7 +160,7 @@ def main(argv=None) -> None:
         memory_mode(args.memory_batch, args.lr_size)
         return
 
-    from tfgan_ct.generator import flops_per_lr_pixel
+    from tfgan_ct.model.generator import flops_per_lr_pixel
 
     model, batch = build(args.batch, args.lr_size)
     pixels = args.batch * args.lr_size ** 2

@@ -2,7 +2,7 @@
 """Write the synthetic multimodal head CT phantom (NCCT, CTP, CTA) as DICOM.
 
 Each patient gets one study with three series under
-``OUT/patientNN/{01_ncct,02_ctp,03_cta}/``; see ``tfgan_ct.phantom`` for the
+``OUT/patientNN/{01_ncct,02_ctp,03_cta}/``; see ``tfgan_ct.demo.phantom`` for the
 anatomy, contrast and header conventions. The same arguments always give
 byte-identical files.
 
@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 try:
-    from tfgan_ct.phantom import SERIES, make_dataset
+    from tfgan_ct.demo.phantom import SERIES, make_dataset
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tfgan_ct.phantom import SERIES, make_dataset
+    from tfgan_ct.demo.phantom import SERIES, make_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:

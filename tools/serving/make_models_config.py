@@ -20,11 +20,11 @@ from pathlib import Path
 
 try:
     from tfgan_ct.fileio import atomic_write_text
-    from tfgan_ct.serving import ServingError, models_config
+    from tfgan_ct.deploy.serving import ServingError, models_config
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tfgan_ct.fileio import atomic_write_text
-    from tfgan_ct.serving import ServingError, models_config
+    from tfgan_ct.deploy.serving import ServingError, models_config
 
 
 def main(argv=None) -> int:

@@ -24,13 +24,15 @@ from pathlib import Path
 import keras
 from keras import layers
 
-log = logging.getLogger("tfgan_ct.vgg")
+from tfgan_ct.errors import TfganError
+
+log = logging.getLogger("tfgan_ct.model.vgg")
 
 # Caffe VGG means (BGR); grey input makes the channel order irrelevant.
 _MEAN = (103.939, 116.779, 123.68)
 
 
-class FeatureExtractorError(ValueError):
+class FeatureExtractorError(TfganError, ValueError):
     """`model.vgg_weights` names weights that cannot be had (a typo, a missing file, no download)."""
 
 

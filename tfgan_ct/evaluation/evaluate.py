@@ -2,7 +2,7 @@
 
 For every test slice and method: PSNR and SSIM of the SR image against the
 HR slice, both as [0, 1] windowed images (NHWC slices from
-`tfgan_ct.data.eval_dataset`), computed
+`tfgan_ct.data.pipeline.eval_dataset`), computed
 
 - inside the brain mask (the paper's figure, `psnr` / `ssim` columns), and
 - over the whole slice (`psnr_full` / `ssim_full`), as a second figure.
@@ -26,9 +26,11 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from tfgan_ct import inference, metrics
+from tfgan_ct.deploy import inference
+from tfgan_ct.evaluation import metrics
 from tfgan_ct.config import Config, Window
 from tfgan_ct.fileio import atomic_write_text
+from tfgan_ct.errors import TfganError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ METRICS = ("psnr", "ssim", "psnr_full", "ssim_full")
 CSV_COLUMNS = ("method", "patient", "series", "slice_index", *METRICS)
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(TfganError, RuntimeError):
     """Nothing to evaluate, or a method that cannot be scored."""
 
 
@@ -68,7 +70,7 @@ class Results:
 
 def only_modality(data_dir: str | Path, split: str = "test") -> str:
     """The only modality with `split` slices in the dataset; an error if none or several."""
-    from tfgan_ct.data import load_manifest
+    from tfgan_ct.data.pipeline import load_manifest
 
     manifest = load_manifest(data_dir)
     have = sorted({s["modality"] for s in manifest["shards"].get(split, [])})
@@ -82,7 +84,7 @@ def only_modality(data_dir: str | Path, split: str = "test") -> str:
 def load_slices(data_dir: str | Path, modality: str, cfg: Config, split: str = "test",
                 limit: int | None = None) -> list[Slice]:
     """The whole slices of `split` as [0, 1] images, in file order (at most `limit`)."""
-    from tfgan_ct.data import eval_dataset
+    from tfgan_ct.data.pipeline import eval_dataset
 
     dataset = eval_dataset(data_dir, split, modality, cfg)
     if limit:

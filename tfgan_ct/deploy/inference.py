@@ -5,7 +5,7 @@ A *method* is anything that turns LR images into SR images four times larger:
 - an exported stage, loaded with plain ``tf.saved_model.load`` (what TensorFlow
   Serving serves) and called through its ``serving_default`` signature;
 - the same export behind a TensorFlow Serving REST endpoint (``--server URL``);
-- ``bicubic``, the MATLAB-compatible bicubic baseline of `tfgan_ct.resize`.
+- ``bicubic``, the MATLAB-compatible bicubic baseline of `tfgan_ct.data.resize`.
 
 All of them take ``lr`` float32 [b, h, w, 1] in [0, 1] and return ``sr``
 float32 [b, 4h, 4w, 1] in [0, 1] (NHWC), so evaluation, figures and
@@ -29,14 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tfgan_ct import resize
+from tfgan_ct.data import resize
+from tfgan_ct.errors import TfganError
 
 log = logging.getLogger(__name__)
 
 BICUBIC = "bicubic"
 
 
-class InferenceError(RuntimeError):
+class InferenceError(TfganError, RuntimeError):
     """A method that cannot be loaded or run."""
 
 
@@ -75,7 +76,7 @@ def saved_model(path: str | Path, name: str | None = None) -> Method:
     """
     import tensorflow as tf
 
-    from tfgan_ct.export import ExportError, load_saved_model, read_metadata
+    from tfgan_ct.deploy.export import ExportError, load_saved_model, read_metadata
 
     path = Path(path)
     try:
@@ -103,7 +104,7 @@ def saved_model(path: str | Path, name: str | None = None) -> Method:
 def remote(url: str, model: str, version: int | None = None, name: str | None = None,
            scale: int = 4) -> Method:
     """A model served by TensorFlow Serving (REST API) at `url`, e.g. http://host:8501."""
-    from tfgan_ct import serving
+    from tfgan_ct.deploy import serving
 
     def predict(lr: np.ndarray) -> np.ndarray:
         try:
@@ -122,7 +123,7 @@ def load(spec: str, models_dir: str | Path = "saved_models", server: str | None 
     With `server`, stage names are sent to that TensorFlow Serving endpoint
     instead of being loaded here ('stage@N' asks for version N).
     """
-    from tfgan_ct.export import ExportError, resolve
+    from tfgan_ct.deploy.export import ExportError, resolve
 
     name, _, spec = spec.rpartition("=") if "=" in spec else (None, "", spec)
     if spec == BICUBIC:

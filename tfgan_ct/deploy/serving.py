@@ -1,7 +1,7 @@
 """TensorFlow Serving deployment: models.config, warm-up requests, a REST client, a stand-in server.
 
 The exports under `saved_models/<stage>/<version>/` already have the layout
-TensorFlow Serving reads (see `tfgan_ct.export`). This module adds what a
+TensorFlow Serving reads (see `tfgan_ct.deploy.export`). This module adds what a
 deployment needs around them:
 
 * `models_config`   the text-format `ModelServerConfig` (`--model_config_file`)
@@ -22,8 +22,8 @@ Images are float32 [batch, h, w, 1] in [0, 1] (the modality window mapped to
 
 Command line (stand-in and config file only; training and conversion are in `tfgan-ct`):
 
-    python -m tfgan_ct.serving config  --models-dir saved_models --base-path /models
-    python -m tfgan_ct.serving standin --models-dir saved_models --port 8501
+    python -m tfgan_ct.deploy.serving config  --models-dir saved_models --base-path /models
+    python -m tfgan_ct.deploy.serving standin --models-dir saved_models --port 8501
 """
 from __future__ import annotations
 
@@ -44,16 +44,18 @@ from pathlib import Path
 import numpy as np
 
 from tfgan_ct.fileio import default_mode
-from tfgan_ct.shards import _field  # protobuf length-delimited field (wire type 2)
+from tfgan_ct.data.shards import _field  # protobuf length-delimited field (wire type 2)
+from tfgan_ct.errors import TfganError
+from tfgan_ct.stages import STAGES
 
-STAGE_ORDER = ("natural", "ncct", "ctp", "cta")
+
 WARMUP_FILE = "tf_serving_warmup_requests"
 WARMUP_SIZES = ((1, 32, 32), (1, 128, 128))   # (batch, LR height, LR width): a patch, a 512-slice's LR
 SIGNATURES = {"serving_default": ("lr", "sr"), "hu": ("lr_hu", "sr_hu")}   # signature: (input, output)
 SCALE = 4
 
 
-class ServingError(RuntimeError):
+class ServingError(TfganError, RuntimeError):
     """A deployment problem: no export, server unreachable, or an error answered by the server."""
 
 
@@ -62,7 +64,7 @@ class ServingError(RuntimeError):
 def versions(stage_dir: Path) -> list[int]:
     """Integer versions under saved_models/<stage> that hold a saved_model.pb, sorted.
 
-    The rule of `tfgan_ct.export.versions`, repeated here so that writing
+    The rule of `tfgan_ct.deploy.export.versions`, repeated here so that writing
     models.config does not import TensorFlow.
     """
     if not stage_dir.is_dir():
@@ -79,7 +81,7 @@ def exported_stages(models_dir: str | Path) -> dict[str, list[int]]:
     models_dir = Path(models_dir)
     found = {p.name: versions(p) for p in models_dir.iterdir()
              if p.is_dir() and not p.name.startswith(".")} if models_dir.is_dir() else {}
-    order = sorted(found, key=lambda s: (STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER), s))
+    order = sorted(found, key=lambda s: (STAGES.index(s) if s in STAGES else len(STAGES), s))
     return {stage: found[stage] for stage in order if found[stage]}
 
 
@@ -127,7 +129,7 @@ def warmup_record(shape: tuple[int, int, int, int], model_name: str | None = Non
 
     The request asks `signature` for zeros (float32, `shape` = [b, h, w, 1],
     the window's floor) under the signature's input name. The protobuf is
-    written directly (as `tfgan_ct.shards` writes tf.train.Example) so that
+    written directly (as `tfgan_ct.data.shards` writes tf.train.Example) so that
     exporting needs no `tensorflow-serving-api`, whose releases pin TensorFlow.
     """
     import tensorflow as tf
@@ -432,8 +434,8 @@ def start_standin(models_dir: str | Path, host: str = "127.0.0.1", port: int = 0
 
 
 def main(argv=None) -> int:
-    """`python -m tfgan_ct.serving config|standin ...`."""
-    parser = argparse.ArgumentParser(prog="python -m tfgan_ct.serving", description=__doc__.split("\n")[0])
+    """`python -m tfgan_ct.deploy.serving config|standin ...`."""
+    parser = argparse.ArgumentParser(prog="python -m tfgan_ct.deploy.serving", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     config = commands.add_parser("config", help="print or write models.config for TensorFlow Serving")
     config.add_argument("--models-dir", default="saved_models")

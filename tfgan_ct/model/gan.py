@@ -18,7 +18,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tfgan_ct import losses
+from tfgan_ct.model import losses
 from tfgan_ct.config import PhaseSettings, TrainSettings
 
 

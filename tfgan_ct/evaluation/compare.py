@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from tfgan_ct import inference, metrics
-from tfgan_ct.evaluate import Slice
+from tfgan_ct.deploy import inference
+from tfgan_ct.evaluation import metrics
+from tfgan_ct.evaluation.evaluate import Slice
 
 log = logging.getLogger(__name__)
 

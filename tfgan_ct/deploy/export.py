@@ -4,7 +4,7 @@ Layout (what TensorFlow Serving reads; integer versions, the newest is served):
 
     saved_models/<stage>/<version>/
         saved_model.pb, variables/     plain-TensorFlow SavedModel, no tfgan_ct import needed
-        assets.extra/                  TF Serving warm-up requests (tfgan_ct.serving.write_warmup)
+        assets.extra/                  TF Serving warm-up requests (tfgan_ct.deploy.serving.write_warmup)
         tfgan_ct.json                  metadata: stage, parent, window, scale, config, data hash
 
 Signatures:
@@ -39,16 +39,18 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from tfgan_ct import fileio, serving
+from tfgan_ct import fileio
+from tfgan_ct.deploy import serving
 from tfgan_ct.config import Window
+from tfgan_ct.errors import TfganError
 
-log = logging.getLogger("tfgan_ct.export")
+log = logging.getLogger("tfgan_ct.deploy.export")
 
 METADATA = "tfgan_ct.json"
 RENAME_ATTEMPTS = 5                 # version numbers tried before export_stage gives up
 
 
-class ExportError(RuntimeError):
+class ExportError(TfganError, RuntimeError):
     """A missing, unreadable or incompatible export."""
 
 
@@ -113,7 +115,7 @@ def _write_version(generator: keras.Model, discriminator: keras.Model, stage_dir
     for _ in range(RENAME_ATTEMPTS):
         version = _next_version(stage_dir)
         info = {**metadata, "stage": stage, "version": version, "scale": scale,
-                "window": {"center": window.center, "width": window.width},
+                "window": window.as_dict(),
                 "signatures": {"serving_default": "lr [b,h,w,1] in [0,1] -> sr [b,4h,4w,1]",
                                "hu": "lr_hu [b,h,w,1] HU -> sr_hu [b,4h,4w,1] HU"},
                 "variable_paths": {"generator": [v.path for v in generator.variables],
@@ -179,8 +181,7 @@ def _write_saved_model(generator: keras.Model, discriminator: keras.Model, path:
         return {"sr": tf.clip_by_value(sr, 0.0, 1.0)}
 
     def serve_hu(lr_hu):
-        unit = tf.clip_by_value((lr_hu - window.floor) / window.width, 0.0, 1.0)
-        return {"sr_hu": serve(unit)["sr"] * window.width + window.floor}
+        return {"sr_hu": window.from_unit(serve(window.to_unit(lr_hu))["sr"])}
 
     archive.add_endpoint("serving_default", serve,
                          input_signature=[tf.TensorSpec([None, None, None, 1], tf.float32, name="lr")])

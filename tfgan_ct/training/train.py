@@ -28,22 +28,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfgan_ct import data, export, metrics
+from tfgan_ct.data import pipeline
+from tfgan_ct.deploy import export
+from tfgan_ct.evaluation import metrics
 from tfgan_ct.config import Config
-from tfgan_ct.discriminator import build_discriminator
+from tfgan_ct.model.discriminator import build_discriminator
 from tfgan_ct.fileio import atomic_write_text
-from tfgan_ct.gan import TransferGAN
+from tfgan_ct.model.gan import TransferGAN
 from tfgan_ct.logs import log_to_file
-from tfgan_ct.generator import build_generator
-from tfgan_ct.vgg import FeatureExtractorError, build_feature_extractor, check_weights_setting
+from tfgan_ct.model.generator import build_generator
+from tfgan_ct.model.vgg import FeatureExtractorError, build_feature_extractor, check_weights_setting
+from tfgan_ct.errors import TfganError
+from tfgan_ct.stages import PARENT, STAGES
 
-log = logging.getLogger("tfgan_ct.train")
-
-STAGES = ("natural", "ncct", "ctp", "cta")
-PARENT = {"natural": None, "ncct": "natural", "ctp": "ncct", "cta": "ctp"}
+log = logging.getLogger("tfgan_ct.training.train")
 
 
-class TrainingError(RuntimeError):
+
+class TrainingError(TfganError, RuntimeError):
     """Training cannot start or cannot go on (bad warm start, non-finite loss, ...)."""
 
 
@@ -120,12 +122,11 @@ def train_stage(stage: str, data_dir: str | Path, cfg: Config, warm_start: str =
     if stage not in STAGES:
         raise TrainingError(f"unknown stage {stage!r} (use {', '.join(STAGES)})")
     models_dir, data_dir = Path(models_dir), Path(data_dir)
-    modality = stage  # the natural stage reads modality "natural"
     check_updates(cfg)
     try:
-        manifest = data.load_manifest(data_dir)
-        data.shard_files(data_dir, "train", modality, manifest)
-    except data.DataError as exc:
+        manifest = pipeline.load_manifest(data_dir)
+        pipeline.shard_files(data_dir, "train", stage, manifest)  # a stage trains on its own modality
+    except pipeline.DataError as exc:
         raise TrainingError(str(exc)) from None
     try:
         check_weights_setting(cfg.model.vgg_weights)
@@ -155,7 +156,7 @@ def train_stage(stage: str, data_dir: str | Path, cfg: Config, warm_start: str =
     policy = keras.mixed_precision.global_policy()
     try:
         with log_to_file(run_dir / "train.log"):
-            return _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir,
+            return _train(stage, stage, data_dir, manifest, cfg, parent, models_dir, run_dir,
                           strategy or choose_strategy())
     finally:
         keras.mixed_precision.set_global_policy(policy)
@@ -198,7 +199,7 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
 
     total = tc.l1_phase.steps + tc.gan_phase.steps
     workers, worker = worker_position(strategy)
-    per_step = data.patches_per_step(workers, cfg.data.batch_size)
+    per_step = pipeline.patches_per_step(workers, cfg.data.batch_size)
     watcher = StepWatcher(model, manager, run_dir, cfg, data_dir, modality, total, strategy, manifest["scale"])
     for phase, (gan_phase, begin, end) in enumerate(((False, 0, tc.l1_phase.steps),
                                                      (True, tc.l1_phase.steps, total))):
@@ -219,7 +220,7 @@ def _train(stage, modality, data_dir, manifest, cfg, parent, models_dir, run_dir
             log.info("input: skipping the %d patches that steps %d-%d read, to continue the stream "
                      "where the checkpoint left it", skip, begin + 1, start)
         # Global batches; Keras has tf.distribute split them over the replicas.
-        dataset = data.train_dataset(data_dir, modality, cfg, seed=stream_seed(tc.seed, phase),
+        dataset = pipeline.train_dataset(data_dir, modality, cfg, seed=stream_seed(tc.seed, phase),
                                      start=skip, workers=workers, worker=worker)
         chunk = max(1, min(tc.log_every, end - start))
         model.fit(dataset, steps_per_epoch=chunk, epochs=math.ceil((end - start) / chunk),
@@ -298,7 +299,7 @@ class StepWatcher(keras.callbacks.Callback):
         self.error: str | None = None
         tensorboard = run_dir / ("tensorboard" if is_chief(strategy) else ".tensorboard-worker")
         self.writer = tf.summary.create_file_writer(str(tensorboard))
-        self.val = list(data.eval_dataset(data_dir, "validation", modality, cfg)
+        self.val = list(pipeline.eval_dataset(data_dir, "validation", modality, cfg)
                         .take(cfg.train.eval_slices)) if _has_split(data_dir, "validation", modality) else []
         self.t0, self.s0 = time.perf_counter(), None
 
@@ -369,7 +370,7 @@ def validation_panel(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int)
 
 def _has_split(data_dir, split, modality) -> bool:
     try:
-        data.shard_files(data_dir, split, modality)
+        pipeline.shard_files(data_dir, split, modality)
         return True
-    except data.DataError:
+    except pipeline.DataError:
         return False

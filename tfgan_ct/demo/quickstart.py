@@ -2,7 +2,7 @@
 
 Steps (everything under one output folder):
 
-1. a synthetic multimodal head study (`tfgan_ct.phantom`: NCCT, CTP, CTA for
+1. a synthetic multimodal head study (`tfgan_ct.demo.phantom`: NCCT, CTP, CTA for
    several patients) and scikit-image's bundled sample photographs;
 2. both converted to shards (`data/ct`, `data/natural`);
 3. the chain natural -> ncct -> ctp -> cta trained and exported to
@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tfgan_ct.config import Config
+from tfgan_ct.errors import TfganError
+from tfgan_ct.stages import CT_MODALITIES
 
 log = logging.getLogger(__name__)
 
-CT_STAGES = ("ncct", "ctp", "cta")
 
 
-class QuickstartError(RuntimeError):
+class QuickstartError(TfganError, RuntimeError):
     """An output folder in the way, or a step that failed."""
 
 
@@ -61,11 +62,14 @@ class _Steps:
 def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwrite: bool = False,
         progress: bool = True) -> QuickstartResult:
     """Run every step; returns the paths of the results and the measured tables."""
-    from tfgan_ct import convert, evaluate, images, inference, phantom, upscale
-    from tfgan_ct.figure import compare, save_png
+    from tfgan_ct.data import convert, images
+    from tfgan_ct.evaluation import evaluate
+    from tfgan_ct.deploy import inference, upscale
+    from tfgan_ct.demo import phantom
+    from tfgan_ct.evaluation.compare import compare, save_png
     from tfgan_ct.fileio import atomic_write_text
     from tfgan_ct.logs import log_to_file
-    from tfgan_ct.train import train_stage
+    from tfgan_ct.training.train import train_stage
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -77,7 +81,7 @@ def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwr
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     result = QuickstartResult(out)
-    steps = _Steps(8 + 2 * len(CT_STAGES))
+    steps = _Steps(8 + 2 * len(CT_MODALITIES))
     with log_to_file(out / "quickstart.log"):
         cfg.save(out / "config.yaml")
         steps.next(f"making a synthetic head study of {patients} patients ({size}x{size} slices)")
@@ -96,7 +100,7 @@ def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwr
         common = {"runs_dir": out / "runs"}
         steps.next("training the natural-image stage")
         train_stage("natural", out / "data/natural", cfg, models_dir=out / "saved_models", **common)
-        for stage in CT_STAGES:
+        for stage in CT_MODALITIES:
             steps.next(f"training {stage} (warm start from the stage before)")
             train_stage(stage, out / "data/ct", cfg, models_dir=out / "saved_models", **common)
             steps.next(f"training the {stage} Scratch baseline (no warm start)")
@@ -105,7 +109,7 @@ def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwr
 
         steps.next("evaluating each stage against bicubic and its Scratch baseline")
         sections = []
-        for stage in CT_STAGES:
+        for stage in CT_MODALITIES:
             methods = [inference.bicubic(), inference.load(f"Scratch={out / 'scratch_models' / stage}"),
                        inference.load(f"TL={out / 'saved_models' / stage}")]
             slices = evaluate.load_slices(out / "data/ct", stage, cfg)

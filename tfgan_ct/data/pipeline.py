@@ -32,14 +32,15 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfgan_ct.config import Config, Window
-from tfgan_ct.shards import FORMAT, FORMAT_VERSION, MANIFEST
+from tfgan_ct.data.shards import FORMAT, FORMAT_VERSION, MANIFEST
+from tfgan_ct.errors import TfganError
 
-log = logging.getLogger("tfgan_ct.data")
+log = logging.getLogger("tfgan_ct.data.pipeline")
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-class DataError(RuntimeError):
+class DataError(TfganError, RuntimeError):
     """A dataset folder that cannot be read (no manifest, no shards for a split)."""
 
 
@@ -76,17 +77,6 @@ def shard_files(data_dir: str | Path, split: str, modality: str, manifest: dict 
     if missing:
         raise DataError(f"{missing[0]}: shard listed in the manifest is missing")
     return files
-
-
-def to_unit(hu: tf.Tensor, window: Window) -> tf.Tensor:
-    """HU -> [0, 1]: clip((HU - (center - width/2)) / width, 0, 1), float32."""
-    x = (tf.cast(hu, tf.float32) - window.floor) * (1.0 / window.width)
-    return tf.clip_by_value(x, 0.0, 1.0)
-
-
-def to_hu(unit: tf.Tensor, window: Window) -> tf.Tensor:
-    """[0, 1] -> HU (inverse of `to_unit` inside the window)."""
-    return tf.cast(unit, tf.float32) * window.width + window.floor
 
 
 def augment(lr: tf.Tensor, hr: tf.Tensor, seed: int = 0, first: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
@@ -253,7 +243,8 @@ def eval_dataset(data_dir: str | Path, split: str, modality: str, cfg: Config) -
             mask = tf.reshape(tf.bitwise.right_shift(mask[:, None], shifts) & 1,
                               [-1])[:h * w]
         mask = tf.reshape(mask, tf.stack([h, w, 1])) > 0
-        return {"lr": to_unit(lr, window), "hr": to_unit(hr, window), "mask": mask,
+        return {"lr": window.to_unit(tf.cast(lr, tf.float32)), "hr": window.to_unit(tf.cast(hr, tf.float32)),
+                "mask": mask,
                 "patient": ex["patient"], "series": ex["series"], "slice_index": ex["slice_index"]}
 
     return tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)

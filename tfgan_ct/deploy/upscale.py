@@ -70,11 +70,14 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
-from tfgan_ct import dicom_io, inference, resize
+from tfgan_ct.data import dicom_io, resize
+from tfgan_ct.deploy import inference
 from tfgan_ct.config import Config, Window
 from tfgan_ct.fileio import (OutputError, atomic_write_bytes, atomic_write_text, check_replaceable,
                              is_disk_full, remove_stale_staging, staged_directory)
 from tfgan_ct.version import __version__
+from tfgan_ct.errors import TfganError
+from tfgan_ct.stages import CT_MODALITIES
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ REASONS = {
 }
 
 
-class UpscaleError(RuntimeError):
+class UpscaleError(TfganError, RuntimeError):
     """Nothing usable in the input, or an output that cannot be written."""
 
 
@@ -129,14 +132,14 @@ def model_window(method: inference.Method, cfg: Config, override: Window | None 
     if override is not None:
         return override
     stage = method.metadata.get("stage")
-    if stage == "natural" or stage not in ("ncct", "ctp", "cta"):
+    if stage not in CT_MODALITIES:
         window = cfg.modalities.ncct.window
         level = logging.INFO if method.name == inference.BICUBIC else logging.WARNING
         log.log(level, "%s: no CT window of its own; using the NCCT window (center %g, width %g); "
                 "set another with --window C,W", method.description, window.center, window.width)
         return window
     saved = method.metadata.get("window")
-    return Window(saved["center"], saved["width"]) if saved else cfg.modalities.get(stage).window
+    return Window.from_dict(saved) if saved else cfg.modalities.get(stage).window
 
 
 def super_resolve_hu(method: inference.Method, hu: np.ndarray, window: Window, outside: str = "bicubic",
@@ -146,13 +149,12 @@ def super_resolve_hu(method: inference.Method, hu: np.ndarray, window: Window, o
     Raises ValueError when the model's output is not finite (a diverged model), before clipping
     could hide an infinity.
     """
-    unit = np.clip((hu - window.floor) / window.width, 0.0, 1.0).astype(np.float32)
+    unit = window.to_unit(hu.astype(np.float32))
     sr = np.clip(_checked(inference.upscale_image(method, unit, tile, tile_pad), "model output"), 0.0, 1.0)
-    sr_hu = sr * np.float32(window.width) + np.float32(window.floor)
+    sr_hu = window.from_unit(sr)
     if outside == "bicubic":
         bicubic = resize.upscale(hu, method.scale).astype(np.float32)
-        keep = (bicubic < window.floor) | (bicubic > window.floor + window.width)
-        sr_hu = np.where(keep, bicubic, sr_hu)
+        sr_hu = np.where(window.contains(bicubic), sr_hu, bicubic)
     elif outside != "clip":
         raise ValueError(f"outside must be 'bicubic' or 'clip', got {outside!r}")
     return sr_hu.astype(np.float32)
@@ -729,7 +731,7 @@ def _png(sr_hu: np.ndarray, window: Window) -> bytes:
 
     from PIL import Image
 
-    unit = np.clip((sr_hu - window.floor) / window.width, 0, 1)
+    unit = window.to_unit(sr_hu.astype(np.float32))
     buffer = io.BytesIO()
     Image.fromarray(np.round(unit * 255).astype(np.uint8), "L").save(buffer, "PNG")
     return buffer.getvalue()

@@ -40,8 +40,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tfgan_ct.logs import TERMINAL_ONLY
+from tfgan_ct.errors import TfganError
 
-log = logging.getLogger("tfgan_ct.dicom_io")
+log = logging.getLogger("tfgan_ct.data.dicom_io")
 
 AIR_HU = -1000.0
 _DEFER = 4096  # header pass: values this large (pixel data) are left on disk, unread
@@ -104,7 +105,7 @@ class Skipped:
     code: str = "bad-header"
 
 
-class Unusable(ValueError):
+class Unusable(TfganError, ValueError):
     """A file that cannot be used; `code` is a key of REASONS, str(exc) the details."""
 
     def __init__(self, code: str, reason: str):

@@ -32,7 +32,7 @@ hashes of its key, the image's path relative to its input folder (a file
 input's name; see `list_images` for keys that collide across inputs). No path or file name
 goes into a shard or the manifest; `convert.log` names skipped files only.
 
-Runs like `tfgan_ct.convert.convert`: files are checked (header and PNG
+Runs like `tfgan_ct.data.convert.convert`: files are checked (header and PNG
 checksums) in a process pool, split by image, then decoded, resized and
 serialised in the pool and written in a fixed order (salted-hash order of the
 images), so the same inputs and seed give byte-identical shards; output is
@@ -53,16 +53,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from tfgan_ct import resize, splits
+from tfgan_ct.data import resize, splits
 from tfgan_ct.config import Config, ConfigError
-from tfgan_ct.convert import (ConvertError, SliceResult, Summary, _pool, _skipped_text, check_output, check_settings,
+from tfgan_ct.data.convert import (ConvertError, SliceResult, Summary, _pool, _skipped_text, check_output, check_settings,
                               manifest_dict, settings_entry, slice_records)
-from tfgan_ct.dicom_io import Skipped
+from tfgan_ct.data.dicom_io import Skipped
 from tfgan_ct.fileio import atomic_write_text, staged_directory
 from tfgan_ct.logs import log_to_file
-from tfgan_ct.shards import MANIFEST, RecordMeta, ShardWriter
+from tfgan_ct.data.shards import MANIFEST, RecordMeta, ShardWriter
+from tfgan_ct.errors import TfganError
 
-log = logging.getLogger("tfgan_ct.images")
+log = logging.getLogger("tfgan_ct.data.images")
 
 MODALITY = "natural"
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -74,7 +75,7 @@ _TO_RGB_MODES = ("CMYK", "YCbCr", "RGBX", "RGBa")
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "I", *_UINT16_MODES, *_TO_RGB_MODES)
 
 
-class ImageError(ValueError):
+class ImageError(TfganError, ValueError):
     """An image file that cannot be used; the message is the reason logged, `code` the
     reason code it is counted by (`not-image`, `empty-file`, `corrupt-image`,
     `unsupported-mode`, `too-large`)."""

@@ -25,20 +25,22 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from tfgan_ct import dicom_io, modality as modality_rules, resize, splits
+from tfgan_ct.data import dicom_io, modality as modality_rules, resize, splits
 from tfgan_ct.config import REDACTED_SALT, Config, ConfigError
 from tfgan_ct.fileio import OutputError, atomic_write_text, check_replaceable, staged_directory
 from tfgan_ct.logs import TERMINAL_ONLY, log_to_file
-from tfgan_ct.masking import brain_mask
-from tfgan_ct.shards import FORMAT, FORMAT_VERSION, MANIFEST, RecordMeta, ShardWriter, encode
+from tfgan_ct.data.masking import brain_mask
+from tfgan_ct.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, RecordMeta, ShardWriter, encode
 from tfgan_ct.version import __version__
+from tfgan_ct.errors import TfganError
+from tfgan_ct.stages import STAGES
 
-log = logging.getLogger("tfgan_ct.convert")
+log = logging.getLogger("tfgan_ct.data.convert")
 
 CHUNK = 16  # slices per worker task
 
 
-class ConvertError(RuntimeError):
+class ConvertError(TfganError, RuntimeError):
     """Conversion cannot produce a dataset (nothing usable, output exists, bad settings)."""
 
 
@@ -519,7 +521,7 @@ def manifest_dict(series: list[dict], shards: dict[str, list[dict]], summary: Su
     images}), the shard lists, the run summary and the `settings` entry (shared with
     `tfgan-ct convert-images`)."""
     counts: dict = {}
-    kinds = (*modality_rules.MODALITIES, "natural")
+    kinds = STAGES  # every modality a dataset can hold
     for split in splits.SPLITS:
         split_series = [x for x in series if x["split"] == split]
         counts[split] = {
@@ -543,8 +545,7 @@ def manifest_dict(series: list[dict], shards: dict[str, list[dict]], summary: Su
         "series": series,
         "skipped": {"files": len(summary.skipped), "by_reason": dict(sorted(reasons.items()))},
         "slices_without_brain": summary.empty_slices,
-        "windows": {m: {"center": cfg.modalities.get(m).window.center,
-                        "width": cfg.modalities.get(m).window.width}
+        "windows": {m: cfg.modalities.get(m).window.as_dict()
                     for m in kinds},
         "settings": settings,
     }

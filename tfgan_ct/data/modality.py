@@ -14,9 +14,10 @@ import re
 from collections import defaultdict
 
 from tfgan_ct.config import ModalityRules
-from tfgan_ct.dicom_io import Frame
+from tfgan_ct.stages import CT_MODALITIES
+from tfgan_ct.data.dicom_io import Frame
 
-MODALITIES = ("ncct", "ctp", "cta")
+MODALITIES = CT_MODALITIES  # what `classify` decides between
 
 
 def classify(frames: list[Frame], rules: ModalityRules) -> tuple[str, str]:

@@ -1,0 +1,1 @@
+"""Data: DICOM and image reading, masking, resizing, splits, shards, conversion, the input pipeline."""

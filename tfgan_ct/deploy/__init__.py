@@ -1,0 +1,1 @@
+"""Using trained models: SavedModel export, inference, DICOM upscaling, TensorFlow Serving files."""

@@ -1,0 +1,1 @@
+"""Networks and losses: the ESRGAN generator, the VGG-style discriminator, VGG19 features, the GAN."""
