@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tfgan_ct.protowire import field, varint
+
 FORMAT = "tfgan-ct-shards"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -103,7 +105,7 @@ def _nest(number: int, pieces: list) -> _Message:
     """A length-delimited protobuf field (wire type 2) around `pieces`."""
     length = sum(p[0] if isinstance(p, tuple) else p.nbytes if isinstance(p, np.ndarray) else len(p)
                  for p in pieces)
-    header = _varint(number << 3 | 2) + _varint(length)
+    header = varint(number << 3 | 2) + varint(length)
     return len(header) + length, [header, *pieces]
 
 
@@ -117,28 +119,7 @@ def _flatten(message: _Message, out: list) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _key(key: str) -> bytes:
-    return _field(1, key.encode())
-
-
-def _varint(value: int) -> bytes:
-    """Protobuf base-128 varint (negative int64 as its 64-bit two's complement)."""
-    value &= (1 << 64) - 1
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+    return field(1, key.encode())
 
 
 def _bytes_feature(value) -> _Message:
@@ -146,11 +127,11 @@ def _bytes_feature(value) -> _Message:
 
 
 def _float_feature(values) -> _Message:
-    return _nest(2, [_field(1, np.asarray(values, "<f4").tobytes())])  # float_list = 2, packed
+    return _nest(2, [field(1, np.asarray(values, "<f4").tobytes())])  # float_list = 2, packed
 
 
 def _int_feature(value: int) -> _Message:
-    return _nest(3, [_field(1, _varint(int(value)))])       # int64_list = 3, packed
+    return _nest(3, [field(1, varint(int(value)))])       # int64_list = 3, packed
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from tfgan_ct.fileio import default_mode
-from tfgan_ct.data.shards import _field  # protobuf length-delimited field (wire type 2)
+from tfgan_ct.protowire import field
 from tfgan_ct.errors import TfganError
 from tfgan_ct.stages import STAGES
 
@@ -135,10 +135,10 @@ def warmup_record(shape: tuple[int, int, int, int], model_name: str | None = Non
     import tensorflow as tf
 
     tensor = tf.make_tensor_proto(np.zeros(shape, np.float32)).SerializeToString()
-    spec = (_field(1, model_name.encode()) if model_name else b"") + _field(3, signature.encode())
-    entry = _field(1, SIGNATURES[signature][0].encode()) + _field(2, tensor)   # map entry: key 1, value 2
-    request = _field(1, spec) + _field(2, entry)          # PredictRequest: model_spec 1, inputs 2
-    return _field(6, _field(1, request))                  # PredictionLog.predict_log 6 {PredictLog.request 1}
+    spec = (field(1, model_name.encode()) if model_name else b"") + field(3, signature.encode())
+    entry = field(1, SIGNATURES[signature][0].encode()) + field(2, tensor)   # map entry: key 1, value 2
+    request = field(1, spec) + field(2, entry)          # PredictRequest: model_spec 1, inputs 2
+    return field(6, field(1, request))                  # PredictionLog.predict_log 6 {PredictLog.request 1}
 
 
 def write_warmup(export_dir: str | Path, sizes=WARMUP_SIZES, model_name: str | None = None) -> Path:
