@@ -26,7 +26,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 
 from tfgan_ct.data import dicom_io
 from tfgan_ct.cli import main
-from conftest import SHARED, SMALL_CONFIG
+from helpers import SHARED, SMALL_CONFIG
 
 NON_UTF8 = b"caf\xe9"  # a folder name that is not valid UTF-8 (Latin-1 "café")
 
@@ -256,7 +256,7 @@ def test_unreadable_subfolder_is_a_named_skip(phantom_dir, tmp_path):
     shutil.copytree(phantom_dir / "patient00" / "01_ncct", tree / "ok")
     (tree / "locked").mkdir()
     shutil.copy(next((tree / "ok").glob("*.dcm")), tree / "locked" / "x.dcm")
-    code = ("import sys; from tfgan_ct import dicom_io; s = []; "
+    code = ("import sys; from tfgan_ct.data import dicom_io; s = []; "
             "files = list(dicom_io.iter_files([sys.argv[1]], s)); "
             "print(len(files)); print(*[f'{x.code} {x.path}' for x in s], sep='\\n')")
     command = [sys.executable, "-c", code, str(tree)]
