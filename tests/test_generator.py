@@ -36,24 +36,37 @@ def test_variable_paths_are_unique():
 
 
 def test_dense_block_by_source_equals_the_straightforward_block():
-    import numpy as np
     import tensorflow as tf
 
-    from tfgan_ct.model.generator import ResidualDenseBlock
+    from tfgan_ct.model.generator import FastResidualDenseBlock, ResidualDenseBlock
 
-    block = ResidualDenseBlock(16, 8)
     x = tf.constant(np.random.default_rng(0).normal(size=(2, 9, 7, 16)).astype("float32"))
+    fast, plain = FastResidualDenseBlock(16, 8), ResidualDenseBlock(16, 8)
+    fast.build(x.shape)
+    plain.build(x.shape)
     # Non-zero biases so that their placement is checked too.
-    block.build(x.shape)
-    for conv in block._convs():
+    for conv in fast.convs():
         conv.bias.assign(np.random.default_rng(1).normal(size=conv.bias.shape).astype("float32"))
-    np.testing.assert_allclose(block(x).numpy(), block.reference_call(x).numpy(), atol=1e-5)
-    with tf.GradientTape(persistent=True) as tape:
-        fast, ref = tf.reduce_sum(block(x) ** 2), tf.reduce_sum(block.reference_call(x) ** 2)
-    for a, b in zip(tape.gradient(fast, block.trainable_variables), tape.gradient(ref, block.trainable_variables)):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
-    assert [v.path for v in block.variables][:2] == ["residual_dense_block/conv1/kernel",
-                                                     "residual_dense_block/conv1/bias"]
+    plain.set_weights(fast.get_weights())
+    _same_output_and_gradients(fast, plain, x, fast.trainable_variables, plain.trainable_variables)
+    assert [v.path for v in fast.variables][:2] == ["fast_residual_dense_block/conv1/kernel",
+                                                    "fast_residual_dense_block/conv1/bias"]
+
+
+def test_fast_generator_equals_the_plain_one_with_the_same_variables():
+    import keras
+    import tensorflow as tf
+
+    nets = {}
+    for fast in (True, False):
+        keras.utils.set_random_seed(3)
+        nets[fast] = build_generator(num_blocks=2, features=16, growth=8, fast=fast)
+    fast, plain = nets[True], nets[False]
+    assert [v.path for v in fast.variables] == [v.path for v in plain.variables]
+    for a, b in zip(fast.variables, plain.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    x = tf.constant(np.random.default_rng(0).random((2, 6, 5, 1)).astype("float32"))
+    _same_output_and_gradients(fast, plain, x, fast.trainable_variables, plain.trainable_variables)
 
 
 def _conv_twin(layer, x, rng):
@@ -85,7 +98,7 @@ def test_upsample_conv_equals_nearest_upsampling_then_conv(h, w):
     import keras
     import tensorflow as tf
 
-    from tfgan_ct.model.generator import UpsampleConv2D
+    from tfgan_ct.model.fast_layers import UpsampleConv2D
 
     rng = np.random.default_rng(h * w)
     x = tf.constant(rng.normal(size=(2, h, w, 6)).astype("float32"))
@@ -101,7 +114,7 @@ def test_upsample_conv_equals_nearest_upsampling_then_conv(h, w):
 def test_high_res_conv_equals_conv2d_with_its_gradients(filters):
     import tensorflow as tf
 
-    from tfgan_ct.model.generator import HighResConv2D
+    from tfgan_ct.model.fast_layers import HighResConv2D
 
     rng = np.random.default_rng(filters)
     x = tf.constant(rng.normal(size=(2, 9, 7, 5)).astype("float32"))
@@ -111,14 +124,15 @@ def test_high_res_conv_equals_conv2d_with_its_gradients(filters):
 
 
 def test_custom_layers_refuse_other_convolutions():
-    from tfgan_ct.model.generator import HighResConv2D, UpsampleConv2D
+    from tfgan_ct.model.fast_layers import HighResConv2D, UpsampleConv2D
 
     for cls in (HighResConv2D, UpsampleConv2D):
         with pytest.raises(ValueError, match="plain 3x3"):
             cls(4, kernel_size=5)
 
 
-def test_tail_keeps_esrgan_variable_paths():
-    g = build_generator(num_blocks=1, features=8, growth=4)
+@pytest.mark.parametrize("fast", [True, False])
+def test_tail_keeps_esrgan_variable_paths(fast):
+    g = build_generator(num_blocks=1, features=8, growth=4, fast=fast)
     paths = {v.path for v in g.variables}
     assert {"up_conv1/kernel", "up_conv2/bias", "hr_conv/kernel", "conv_last/bias"} <= paths
