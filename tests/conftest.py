@@ -1,4 +1,8 @@
-"""Shared fixtures: the sample data folder, the small config, a converted phantom dataset."""
+"""Shared fixtures: the phantom, the small config, converted datasets, a tiny export.
+
+The core fixtures come from the package's own phantom, so the tests stand alone; only
+`shared_data` and `converted_samples` need the real sample files (`helpers.SHARED`).
+"""
 from __future__ import annotations
 
 import os
@@ -6,19 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SHARED, SMALL_CONFIG
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Outputs get the permissions open()/mkdir() would give (umask applied); the tests
 # that check them expect the common umask 022, whatever the machine's is.
 os.umask(0o022)
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-SMALL_CONFIG = REPO / "configs" / "small.yaml"
-
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """`../shared/data` beside the repository (real CT samples, broken files, Set5)."""
+    """The real sample files: `../shared/data` beside the repository, or $TFGAN_CT_SAMPLES."""
     if not SHARED.is_dir():
         pytest.skip(f"sample data not found at {SHARED}")
     return SHARED
@@ -42,22 +44,32 @@ def phantom_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory, phantom_dir, shared_data):
-    """The phantom plus the real samples (good and broken) converted with the small config.
-
-    Returns (output folder, CLI result).
-    """
+def _convert(tmp_path_factory, name: str, *inputs: Path):
+    """`tfgan-ct convert INPUTS --config small.yaml --workers 2` into a fresh folder: (folder, CLI result)."""
     from click.testing import CliRunner
 
     from tfgan_ct.cli import main
 
-    out = tmp_path_factory.mktemp("converted") / "dataset"
-    result = CliRunner().invoke(main, ["convert", str(phantom_dir), str(shared_data / "dicom"),
-                                       "--out", str(out), "--config", str(SMALL_CONFIG),
+    out = tmp_path_factory.mktemp(name) / "dataset"
+    result = CliRunner().invoke(main, ["convert", *map(str, inputs), "--out", str(out), "--config", str(SMALL_CONFIG),
                                        "--workers", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
     return out, result
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, phantom_dir):
+    """The phantom converted with the small config: (output folder, CLI result)."""
+    return _convert(tmp_path_factory, "converted", phantom_dir)
+
+
+@pytest.fixture(scope="session")
+def converted_samples(tmp_path_factory, phantom_dir, shared_data):
+    """The phantom plus the real samples (good and broken) converted with the small config.
+
+    For the tests about real files (skip reasons, identifiers); returns (output folder, CLI result).
+    """
+    return _convert(tmp_path_factory, "converted-samples", phantom_dir, shared_data / "dicom")
 
 
 @pytest.fixture(scope="session")
@@ -67,11 +79,37 @@ def tiny_export(tmp_path_factory) -> Path:
     Returns the models folder; the export is `<folder>/ncct/1`.
     """
     from tfgan_ct.config import Window
-    from tfgan_ct.model.discriminator import build_discriminator
     from tfgan_ct.deploy.export import export_stage
+    from tfgan_ct.model.discriminator import build_discriminator
     from tfgan_ct.model.generator import build_generator
 
     models = tmp_path_factory.mktemp("models")
     export_stage(build_generator(num_blocks=1, features=8, growth=4), build_discriminator(32, features=8),
                  models, "ncct", Window(40, 80), 4, {"parent": None})
     return models
+
+
+def _needs_samples(item) -> bool:
+    return "shared_data" in getattr(item, "fixturenames", ())
+
+
+def pytest_report_header(config):
+    found = "" if SHARED.is_dir() else " (not found: the tests of the real sample files are deselected)"
+    return f"sample data: {SHARED}{found}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests of the real sample files `samples`; without the files, deselect them.
+
+    Without the files they cannot run at all: they are left out (and counted as deselected,
+    the header says why) rather than skipped, so that a skip always means something to look at.
+    """
+    for item in items:
+        if _needs_samples(item):
+            item.add_marker(pytest.mark.samples)
+    if not SHARED.is_dir():
+        left_out = [item for item in items if _needs_samples(item)]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [item for item in items if not _needs_samples(item)]

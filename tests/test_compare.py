@@ -9,7 +9,7 @@ from PIL import Image
 from tfgan_ct.evaluation import compare
 from tfgan_ct.cli import main
 from tfgan_ct.evaluation.evaluate import Slice
-from conftest import SMALL_CONFIG
+from helpers import SMALL_CONFIG
 
 
 def synthetic_slices(n=3, size=64):

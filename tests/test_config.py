@@ -5,16 +5,32 @@ import typing
 import pytest
 import yaml
 
-from tfgan_ct.config import Config, ConfigError, load_config
-from conftest import REPO
+from tfgan_ct.config import Config, ConfigError, bundled_config, bundled_names, load_config
+
+from helpers import REPO, SMALL_CONFIG
 
 
 def test_paper_yaml_matches_defaults():
-    assert load_config(REPO / "configs" / "paper.yaml") == Config()
+    assert load_config(bundled_config("paper")) == Config()
+
+
+def test_bundled_configs_load_by_name_and_by_file(tmp_path, monkeypatch):
+    assert bundled_names() == ["paper", "quickstart", "small"]
+    assert bundled_config("small.yaml") == bundled_config("small") == SMALL_CONFIG
+    assert load_config("small") == load_config("small.yaml") == load_config(SMALL_CONFIG)
+    # A checkout keeps `configs/` (a link to the package's folder), as the README's first steps use.
+    assert load_config(REPO / "configs" / "small.yaml") == load_config("small")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "small.yaml").write_text("convert:\n  patch_size: 64\n")
+    assert load_config("small.yaml").convert.patch_size == 64  # a file of that name wins
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read config .*bundled configs: paper, quickstart, small"):
+        load_config("nope.yaml")
+    with pytest.raises(ConfigError, match="no such bundled config"):
+        bundled_config("../small")
 
 
 def test_small_config_and_overrides():
-    cfg = load_config(REPO / "configs" / "small.yaml",
+    cfg = load_config(SMALL_CONFIG,
                       ["convert.mask.opening_radius=3", "modalities.ncct.window.center=35"])
     assert cfg.convert.patch_size == 32
     assert cfg.convert.mask.opening_radius == 3
@@ -60,7 +76,7 @@ def test_save_round_trip(tmp_path):
 
 @pytest.mark.parametrize("name", ["paper", "small", "quickstart"])
 def test_shipped_configs_pass_the_checks(name):
-    load_config(REPO / "configs" / f"{name}.yaml").validate()
+    load_config(name).validate()
 
 
 def test_defaults_pass_the_checks():
@@ -182,7 +198,7 @@ def test_gan_phase_needs_a_generator_loss():
 
 
 def test_settings_changed_in_code_are_checked_again():
-    cfg = load_config(REPO / "configs" / "small.yaml")
+    cfg = load_config(SMALL_CONFIG)
     cfg.convert.split = "4:2"  # as `--split` does after loading
     with pytest.raises(ConfigError, match=re.escape("convert.split='4:2': must be train:validation:test")):
         cfg.validate()

@@ -22,7 +22,7 @@ from tfgan_ct.config import load_config
 from tfgan_ct.data.masking import apply_mask, brain_mask
 from tfgan_ct.data.shards import read_records
 from tfgan_ct.data.splits import salted_hash
-from conftest import SMALL_CONFIG
+from helpers import SMALL_CONFIG
 
 
 def all_records(out: Path) -> list[dict]:
@@ -101,8 +101,8 @@ def test_hu_round_trip_and_mask(converted, phantom_dir):
     assert checked >= 4
 
 
-def test_no_identifiers_in_output(converted, phantom_dir, shared_data):
-    out, _ = converted
+def test_no_identifiers_in_output(converted_samples, phantom_dir, shared_data):
+    out, _ = converted_samples
     secrets = set()
     for path in list(phantom_dir.rglob("*.dcm"))[:40] + [shared_data / "dicom/head-ncct/pydicom-data_693_UNCR.dcm"]:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -141,8 +141,8 @@ def test_only_scale_4(shared_data, tmp_path):
     assert result.exit_code != 0 and "convert.scale=2: only 4 is supported" in result.output
 
 
-def test_every_broken_file_reported(converted, shared_data):
-    out, result = converted
+def test_every_broken_file_reported(converted_samples, shared_data):
+    out, result = converted_samples
     text = result.output
     expected = {
         "bad/not_dicom.dcm": "not a DICOM file",
@@ -163,8 +163,8 @@ def test_every_broken_file_reported(converted, shared_data):
     assert str(shared_data) not in log
 
 
-def test_second_run_refuses_then_overwrites_identically(converted, phantom_dir, shared_data, tmp_path):
-    out, _ = converted
+def test_second_run_refuses_then_overwrites_identically(converted_samples, phantom_dir, shared_data, tmp_path):
+    out, _ = converted_samples
     before = {p.name: p.read_bytes() for p in out.glob("*.tfrecord")}
     args = ["convert", str(phantom_dir), str(shared_data / "dicom"), "--out", str(out),
             "--config", str(SMALL_CONFIG), "--workers", "1", "--no-progress"]

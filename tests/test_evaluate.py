@@ -15,7 +15,7 @@ from tfgan_ct.cli import main
 from tfgan_ct.config import load_config
 from tfgan_ct.data.pipeline import load_manifest
 from tfgan_ct.data.shards import read_records
-from conftest import SMALL_CONFIG
+from helpers import SMALL_CONFIG
 
 
 def fake_results(values: dict[str, list[float]]) -> evaluate.Results:

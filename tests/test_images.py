@@ -19,7 +19,7 @@ from tfgan_ct.config import load_config
 from tfgan_ct.data.images import convert_images, write_sample_images
 from tfgan_ct.data.shards import read_records
 from tfgan_ct.data.splits import salted_hash
-from conftest import SMALL_CONFIG
+from helpers import SMALL_CONFIG
 
 SALT = "tfgan-ct:0"  # salt derived from the default seed
 BT601 = np.array([0.299, 0.587, 0.114])

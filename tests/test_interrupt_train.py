@@ -15,7 +15,7 @@ import tensorflow as tf
 import yaml
 
 from tfgan_ct.deploy import export
-from conftest import SMALL_CONFIG
+from helpers import SMALL_CONFIG
 from test_train import TINY
 
 STEPS = 30  # L1 only: the GAN step would add seconds of tracing to every process

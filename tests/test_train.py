@@ -25,7 +25,7 @@ from tfgan_ct.model.gan import TransferGAN
 from tfgan_ct.model.generator import build_generator
 from tfgan_ct.training.train import TrainingError, train_stage
 from tfgan_ct.model.vgg import build_feature_extractor
-from conftest import REPO, SMALL_CONFIG
+from helpers import REPO, SMALL_CONFIG
 
 TINY = {
     "model": {"num_blocks": 1, "features": 8, "growth": 4, "d_features": 8, "vgg_weights": "none"},

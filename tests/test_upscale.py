@@ -22,7 +22,7 @@ from tfgan_ct.data import dicom_io, resize
 from tfgan_ct.deploy import inference, upscale
 from tfgan_ct.cli import main
 from tfgan_ct.config import Window, load_config
-from conftest import SMALL_CONFIG
+from helpers import SMALL_CONFIG
 
 WIDE = Window(1000, 6000)  # no clipping of CT values: the bicubic method then gives bicubic HU
 

@@ -1,7 +1,9 @@
-"""Typed configuration, loaded from `configs/*.yaml` with `--set key=value` overrides.
+"""Typed configuration, loaded from a YAML file with `--set key=value` overrides.
 
-The dataclass defaults are the paper's settings (`configs/paper.yaml` spells
-them out). Every command saves the resolved configuration beside its output as
+The package ships three configurations in `tfgan_ct/configs/` (`paper`, `small`,
+`quickstart`), loadable by name: `load_config("paper")`, `--config paper`. The
+dataclass defaults are the paper's settings (`paper.yaml` spells them out).
+Every command saves the resolved configuration beside its output as
 `config.yaml`, so a result can always be traced back to its settings.
 
 Unknown or mistyped keys are errors that name the key, e.g.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -247,15 +250,46 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def bundled_config(name: str) -> Path:
+    """The configuration `name` shipped with the package ('paper', 'small', 'quickstart'; '.yaml' optional)."""
+    file = name if name.endswith(".yaml") else f"{name}.yaml"
+    resource = importlib.resources.files("tfgan_ct").joinpath("configs", file)
+    if "/" in name or "\\" in name or not resource.is_file():
+        raise ConfigError(f"{name}: no such bundled config (bundled: {', '.join(bundled_names())})")
+    return Path(str(resource))
+
+
+def bundled_names() -> list[str]:
+    """Names of the configurations shipped with the package, e.g. ['paper', 'quickstart', 'small']."""
+    folder = importlib.resources.files("tfgan_ct").joinpath("configs")
+    return sorted(item.name[:-5] for item in folder.iterdir() if item.name.endswith(".yaml"))
+
+
+def config_path(path: str | Path) -> Path:
+    """`path` itself when it names a file; else, for a bare name such as 'paper', the bundled config."""
+    path = Path(path)
+    if path.is_file() or len(path.parts) != 1:
+        return path
+    try:
+        return bundled_config(path.name)
+    except ConfigError:
+        return path
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load defaults, then the YAML file `path` (if any), then `key.sub=value` overrides; then validate."""
+    """Load defaults, then the YAML file `path` (if any), then `key.sub=value` overrides; then validate.
+
+    `path` is a file, or the name of a bundled config ('paper', 'small.yaml', ...; a file of
+    that name in the working folder wins).
+    """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+            hint = f"; bundled configs: {', '.join(bundled_names())}" if len(path.parts) == 1 else ""
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror}{hint})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(data, dict):
