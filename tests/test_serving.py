@@ -26,7 +26,7 @@ from tfgan_ct.deploy import export, serving
 from tfgan_ct.config import Window
 from tfgan_ct.model.discriminator import build_discriminator
 from tfgan_ct.model.generator import build_generator
-from conftest import REPO
+from helpers import REPO
 
 model_server_config_pb2 = pytest.importorskip("tensorflow_serving.config.model_server_config_pb2")
 prediction_log_pb2 = pytest.importorskip("tensorflow_serving.apis.prediction_log_pb2")
