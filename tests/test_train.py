@@ -271,7 +271,7 @@ import tensorflow as tf
 strategy = tf.distribute.MultiWorkerMirroredStrategy()  # first: before any other TensorFlow op
 from tfgan_ct.data import pipeline
 from tfgan_ct.config import load_config
-from tfgan_ct.training.train import worker_position
+from tfgan_ct.training.distribute import worker_position
 
 cfg = load_config(sys.argv[2])
 workers, worker = worker_position(strategy)
@@ -375,14 +375,14 @@ def test_non_finite_loss_stops_with_a_clear_message(converted, tiny_config, tmp_
     from tfgan_ct.training import train as train_mod
 
     out, _ = converted
-    real = train_mod.data.train_dataset
+    real = train_mod.pipeline.train_dataset
 
     def poisoned(*args, **kwargs):  # finite for 3 steps, then NaN
         ds = real(*args, **kwargs)
         bad = ds.map(lambda b: {"lr": b["lr"] * float("nan"), "hr": b["hr"]})
         return ds.take(3).concatenate(bad)
 
-    monkeypatch.setattr(train_mod.data, "train_dataset", poisoned)
+    monkeypatch.setattr(train_mod.pipeline, "train_dataset", poisoned)
     cfg = load_config(tiny_config, ["train.checkpoint_every=2", "train.log_every=1"])
     with pytest.raises(TrainingError, match=r"non-finite .* at step 4; stopped. The last good checkpoint is .*ckpt-2"):
         train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / "models", runs_dir=tmp_path / "runs")
@@ -481,7 +481,7 @@ def test_logged_learning_rate_is_the_one_the_step_used(converted, tiny_config, t
 
 
 def test_validation_panel_follows_the_dataset_scale():
-    from tfgan_ct.training.train import validation_panel
+    from tfgan_ct.training.callbacks import validation_panel
 
     lr = np.arange(6, dtype=np.float32).reshape(2, 3)
     for scale in (2, 4):
