@@ -94,7 +94,7 @@ def test_every_setting_has_a_check():
             if dataclasses.is_dataclass(hints[f.name]):
                 sections.append(hints[f.name])
             else:
-                assert f.name in FIELD_RULES[cls], f"{cls.__name__}.{f.name} has no check"
+                assert f.name in FIELD_RULES[cls.__name__], f"{cls.__name__}.{f.name} has no check"
 
 
 # The cases, each with the message that names key, value and what is allowed.

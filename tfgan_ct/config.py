@@ -25,11 +25,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from tfgan_ct.errors import TfganError
-
-
-class ConfigError(TfganError, ValueError):
-    """A configuration file or override that does not fit the schema."""
+from tfgan_ct import config_checks
+from tfgan_ct.config_checks import ConfigError as ConfigError  # defined beside the checks, used from here
 
 
 @dataclass
@@ -227,9 +224,7 @@ class Config:
         `load_config` calls it; call it again after changing settings in code.
         Returns the configuration itself.
         """
-        from tfgan_ct.config_checks import validate
-
-        validate(self)
+        config_checks.validate(self)
         return self
 
     def save(self, path: str | Path) -> None:

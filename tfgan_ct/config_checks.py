@@ -6,20 +6,28 @@ afterwards (e.g. `--split` and `--seed` of the convert commands) calls
 the key, its value and what is allowed, e.g.
 ``modalities.ncct.window.width=0: must be a finite number > 0``.
 
-`FIELD_RULES` holds one check per setting, by dataclass; nested dataclasses
-(sections such as `convert.mask`) are walked into. `CROSS_RULES` holds the
-checks that involve several settings of one section.
+`FIELD_RULES` holds one check per setting, by the name of its section's
+dataclass; nested dataclasses (sections such as `convert.mask`) are walked
+into. `CROSS_RULES` holds the checks that involve several settings of one
+section. The rules go by class name so that this module does not import
+`tfgan_ct.config` (which calls it): the two would import each other.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any, Callable
 
-from tfgan_ct.data import splits
-from tfgan_ct.config import (Config, ConfigError, ConvertSettings, DataSettings, MaskSettings, Modalities,
-                             ModalityRules, ModalitySettings, ModelSettings, PhaseSettings, TrainSettings,
-                             Window)
+from tfgan_ct.errors import TfganError
+
+if TYPE_CHECKING:  # annotations only
+    from tfgan_ct.config import Config, PhaseSettings, TrainSettings
+
+
+class ConfigError(TfganError, ValueError):
+    """A configuration file or override that does not fit the schema (also `tfgan_ct.config.ConfigError`)."""
+
 
 Check = Callable[[Any], "str | None"]  # value -> what is allowed (when the value breaks the rule), else None
 
@@ -38,18 +46,18 @@ def validate(cfg: Config) -> None:
 
 def _check_section(section: Any, where: str) -> None:
     """Check the settings of one dataclass `section` (at key `where`), its sub-sections, then its cross rules."""
-    rules = FIELD_RULES[type(section)]
+    rules = FIELD_RULES[type(section).__name__]
     for f in dataclasses.fields(section):
         key, value = f"{where}.{f.name}" if where else f.name, getattr(section, f.name)
         if f.name in rules:
             problem = rules[f.name](value)
             if problem:
                 raise ConfigError(f"{key}={show(value)}: {problem}")
-        elif type(value) in FIELD_RULES:
+        elif dataclasses.is_dataclass(value) and type(value).__name__ in FIELD_RULES:
             _check_section(value, key)
         else:
             raise ConfigError(f"{key}={show(value)}: must be a section (a mapping of settings)")
-    for rule in CROSS_RULES.get(type(section), ()):
+    for rule in CROSS_RULES.get(type(section).__name__, ()):
         rule(section, where)
 
 
@@ -136,10 +144,23 @@ def _patch_stride(value: Any) -> str | None:
     return None if ok else f"must be a positive multiple of scale {SCALE}"
 
 
-def _split(value: Any) -> str | None:
-    """A train:validation:test ratio that `splits.parse_ratio` reads."""
+def parse_ratio(text: str) -> tuple[Fraction, Fraction, Fraction]:
+    """'4:2:3' or '0.6:0.2:0.2' as three fractions summing to 1 (`convert.split`; `data.splits` uses it)."""
+    parts = text.split(":")
     try:
-        splits.parse_ratio(value)
+        values = [Fraction(p.strip()) for p in parts]
+    except (ValueError, ZeroDivisionError):
+        values = []
+    if len(values) != 3 or any(v < 0 for v in values) or sum(values) == 0:
+        raise ValueError(f"split {text!r}: expected train:validation:test, e.g. 4:2:3 or 0.6:0.2:0.2")
+    total = sum(values)
+    return tuple(v / total for v in values)  # type: ignore[return-value]
+
+
+def _split(value: Any) -> str | None:
+    """A train:validation:test ratio that `parse_ratio` reads."""
+    try:
+        parse_ratio(value)
         return None
     except (ValueError, AttributeError, TypeError):
         return ("must be train:validation:test, counts or fractions (none negative, not all 0), "
@@ -163,19 +184,19 @@ def _milestones(value: Any) -> str | None:
 _SEED = _integer(0, MAX_SEED)
 _WEIGHT = _finite(ge=0)
 
-FIELD_RULES: dict[type, dict[str, Check]] = {
-    Config: {},
-    Modalities: {},
-    Window: {"center": _finite(), "width": _finite(gt=0)},
-    ModalitySettings: {"mask_hu": _hu_range},
-    ModalityRules: {
+FIELD_RULES: dict[str, dict[str, Check]] = {
+    "Config": {},
+    "Modalities": {},
+    "Window": {"center": _finite(), "width": _finite(gt=0)},
+    "ModalitySettings": {"mask_hu": _hu_range},
+    "ModalityRules": {
         "ctp_min_timepoints": _integer(2),
         "cta_keywords": _texts(nonempty=True),
         "cta_max_slice_thickness_mm": _finite(gt=0),
         "no_contrast_values": _texts(nonempty=False),
     },
-    MaskSettings: {"opening_radius": _integer(0), "dilation_radius": _integer(0), "fill_holes": _flag},
-    ConvertSettings: {
+    "MaskSettings": {"opening_radius": _integer(0), "dilation_radius": _integer(0), "fill_holes": _flag},
+    "ConvertSettings": {
         "scale": _one_of(SCALE, rule="only 4 is supported (the generator, the bicubic baseline and "
                                      "serving are all x4)"),
         "patch_size": _patch_size,
@@ -188,12 +209,12 @@ FIELD_RULES: dict[type, dict[str, Check]] = {
         "out_of_field_hu": _finite(le=AIR_HU, why="HU at or below air; higher values would turn tissue "
                                                   "into air"),
     },
-    DataSettings: {"batch_size": _integer(1), "shuffle_buffer": _integer(1), "cycle_length": _integer(1),
+    "DataSettings": {"batch_size": _integer(1), "shuffle_buffer": _integer(1), "cycle_length": _integer(1),
                    "augment": _flag},
-    ModelSettings: {"num_blocks": _integer(1), "features": _integer(1), "growth": _integer(1),
+    "ModelSettings": {"num_blocks": _integer(1), "features": _integer(1), "growth": _integer(1),
                     "d_features": _integer(1), "vgg_weights": _vgg_weights},
-    PhaseSettings: {"steps": _integer(0), "learning_rate": _finite(gt=0), "milestones": _milestones},
-    TrainSettings: {
+    "PhaseSettings": {"steps": _integer(0), "learning_rate": _finite(gt=0), "milestones": _milestones},
+    "TrainSettings": {
         "perceptual_weight": _WEIGHT,
         "adversarial_weight": _WEIGHT,
         "l1_weight": _WEIGHT,
@@ -232,7 +253,7 @@ def _something_to_train(train: TrainSettings, where: str) -> None:
                           f"at least one must be > 0 for the {gan} GAN phase step(s) to train the generator")
 
 
-CROSS_RULES: dict[type, tuple[Callable[[Any, str], None], ...]] = {
-    PhaseSettings: (_milestones_within_phase,),
-    TrainSettings: (_something_to_train,),
+CROSS_RULES: dict[str, tuple[Callable[[Any, str], None], ...]] = {
+    "PhaseSettings": (_milestones_within_phase,),
+    "TrainSettings": (_something_to_train,),
 }
