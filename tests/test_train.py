@@ -18,13 +18,13 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from tfgan_ct.deploy import export
 from tfgan_ct.config import load_config
+from tfgan_ct.deploy import export
 from tfgan_ct.model.discriminator import build_discriminator
 from tfgan_ct.model.gan import TransferGAN
 from tfgan_ct.model.generator import build_generator
-from tfgan_ct.training.train import TrainingError, train_stage
 from tfgan_ct.model.vgg import build_feature_extractor
+from tfgan_ct.training.train import TrainingError, train_stage
 from helpers import REPO, SMALL_CONFIG
 
 TINY = {
@@ -163,7 +163,8 @@ def test_train_export_and_plain_tensorflow_reload(converted, tiny_config, tmp_pa
     assert other.export_dir == tmp_path / "scratch_models/ncct/1" and other.resumed_from == 8
     assert other.run_dir == result.run_dir
     for models in ("models", "scratch_models"):
-        done = train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / models, runs_dir=tmp_path / "runs")
+        done = train_stage("ncct", out, cfg, warm_start="none", models_dir=tmp_path / models,
+                           runs_dir=tmp_path / "runs")
         assert done.export_dir == tmp_path / models / "ncct/1"
     assert export.versions(tmp_path / "models/ncct") == [1]
     # Without its final checkpoint a finished run cannot be exported elsewhere: it says so, no retraining.
@@ -320,7 +321,8 @@ def test_killed_run_resumes_from_checkpoint(converted, tiny_config, tmp_path):
     out, _ = converted
     args = ["train", "--stage", "ncct", "--data", str(out), "--warm-start", "none", "--config", str(tiny_config),
             "--set", "train.l1_phase.steps=400", "--set", "train.checkpoint_every=5",
-            "--set", "train.log_every=5", "--models-dir", str(tmp_path / "models"), "--runs-dir", str(tmp_path / "runs")]
+            "--set", "train.log_every=5", "--models-dir", str(tmp_path / "models"),
+            "--runs-dir", str(tmp_path / "runs")]
     proc = subprocess.Popen([sys.executable, "-m", "tfgan_ct.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     deadline = time.time() + 300

@@ -1,6 +1,6 @@
 """Benchmark training steps of the paper network on this machine.
 
-    python tools/bench_train.py [--batch 2] [--lr-size 32] [--steps 2] [--rounds 3] [--memory-batch 16]
+    python tools/bench_train.py [--batch 2] [--lr-size 32] [--steps 2] [--rounds 3] [--memory-batch 16] [--plain]
 
 Prints, for the paper configuration (23 RRDB blocks, 64/32 channels):
 - the single-precision matrix-multiply peak measured here (GFLOP/s), the baseline;
@@ -13,6 +13,9 @@ Prints, for the paper configuration (23 RRDB blocks, 64/32 channels):
   counting the generator's work only (a lower bound);
 - peak resident memory of one GAN step at --memory-batch (paper: 16), measured in
   a separate process.
+
+`--plain` measures the plain ESRGAN layers (`build_generator(fast=False)`)
+instead of the default fused forms of `tfgan_ct.model.fast_layers`.
 
 The generator costs about 36 MFLOP per LR pixel forward
 (`tfgan_ct.model.generator.flops_per_lr_pixel`); a training step is counted as 3x.
@@ -99,8 +102,8 @@ def conv_ceiling(batch: int, lr_size: int, features: int = 64, growth: int = 32,
     return flop / best / 1e9
 
 
-def build(batch: int, lr_size: int, vgg_weights: str = "none"):
-    """Paper-size GAN model and one fixed batch."""
+def build(batch: int, lr_size: int, vgg_weights: str = "none", fast: bool = True):
+    """Paper-size GAN model (generator in its fused or plain form) and one fixed batch."""
     import numpy as np
     import tensorflow as tf
 
@@ -111,7 +114,7 @@ def build(batch: int, lr_size: int, vgg_weights: str = "none"):
     from tfgan_ct.model.vgg import build_feature_extractor
 
     cfg = Config()
-    model = TransferGAN(build_generator(), build_discriminator(lr_size * 4),
+    model = TransferGAN(build_generator(fast=fast), build_discriminator(lr_size * 4),
                         build_feature_extractor(vgg_weights), cfg.train, global_batch=batch)
     model.build_optimizers()
     rng = np.random.default_rng(0)
@@ -139,9 +142,9 @@ def time_steps(step, batch, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def memory_mode(batch: int, lr_size: int) -> None:
+def memory_mode(batch: int, lr_size: int, fast: bool) -> None:
     """Child process: one GAN step, then print peak RSS in MiB."""
-    model, data = build(batch, lr_size)
+    model, data = build(batch, lr_size, fast=fast)
     step_function(model, data, gan=True)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -154,19 +157,21 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-batch", type=int, default=16)
     parser.add_argument("--jit", action="store_true", help="compile the steps with XLA")
+    parser.add_argument("--plain", action="store_true", help="the plain ESRGAN layers, not the fused forms")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
-        memory_mode(args.memory_batch, args.lr_size)
+        memory_mode(args.memory_batch, args.lr_size, fast=not args.plain)
         return
 
     from tfgan_ct.model.generator import flops_per_lr_pixel
 
-    model, batch = build(args.batch, args.lr_size)
+    model, batch = build(args.batch, args.lr_size, fast=not args.plain)
     pixels = args.batch * args.lr_size ** 2
     train_flop = 3 * flops_per_lr_pixel() * pixels
     print(f"{os.cpu_count()} core(s); batch {args.batch} of LR {args.lr_size}x{args.lr_size} "
-          f"(HR {4 * args.lr_size}); paper network (23 RRDB, 64/32); best of {args.rounds} rounds")
+          f"(HR {4 * args.lr_size}); paper network (23 RRDB, 64/32, {'plain' if args.plain else 'fused'} layers); "
+          f"best of {args.rounds} rounds")
     g_step = step_function(model, batch, gan=False, jit=args.jit)
     best = {"tf": 0.0, "numpy": 0.0, "conv": 0.0, "step": float("inf")}
     for _ in range(args.rounds):  # interleaved, best of each (see the module docstring)
@@ -190,7 +195,8 @@ def main(argv=None) -> None:
     print(f"full GAN step (G+D+VGG19)              : {seconds:6.2f} s/step, {args.batch / seconds:6.2f} "
           f"patches/s, {gflops:6.1f} GFLOP/s (G work only) = {gflops / peak:5.1%} of peak (one round)")
     child = subprocess.run([sys.executable, __file__, "--memory-child", "--memory-batch",
-                            str(args.memory_batch), "--lr-size", str(args.lr_size)],
+                            str(args.memory_batch), "--lr-size", str(args.lr_size),
+                            *(["--plain"] if args.plain else [])],
                            capture_output=True, text=True)
     if child.returncode == 0:
         print(f"peak memory, one GAN step at batch {args.memory_batch}  : "

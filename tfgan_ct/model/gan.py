@@ -1,25 +1,20 @@
 """The Transfer-GAN training model: generator, discriminator, VGG19, two optimizers.
 
-`TransferGAN.train_step` runs one of two phases (ESRGAN's recipe):
-
-- L1 phase (`gan_phase = False`): generator only, loss = L1(SR, HR).
-- GAN phase (`gan_phase = True`):
-    G: perceptual + 5e-3 * RaGAN_G + 1e-2 * L1   (weights from the config)
-    D: RaGAN_D on HR vs. the (detached) SR of the same batch.
-
-Per-example losses are averaged over the *global* batch
-(`tf.nn.compute_average_loss`), so gradients summed over replicas under
-`tf.distribute` equal those of one big batch. With `mixed_float16` both
-optimizers are wrapped in `LossScaleOptimizer` and losses are scaled before
-differentiation.
+`TransferGAN.train_step` runs one of ESRGAN's two phases:
+    L1 phase (`gan_phase = False`): G only, loss = L1(SR, HR)
+    GAN phase (`gan_phase = True`): G: perceptual + 5e-3 * RaGAN_G + 1e-2 * L1 (weights
+    from the config); D: RaGAN_D on HR vs. the (detached) SR of the same batch
+Per-example losses are averaged over the *global* batch, so gradients summed over
+replicas under `tf.distribute` equal those of one big batch. With `mixed_float16`
+both optimizers are `LossScaleOptimizer`s.
 """
 from __future__ import annotations
 
 import keras
 import tensorflow as tf
 
-from tfgan_ct.model import losses
 from tfgan_ct.config import PhaseSettings, TrainSettings
+from tfgan_ct.model import losses
 
 
 def halving_schedule(phases: list[tuple[int, PhaseSettings]]) -> keras.optimizers.schedules.LearningRateSchedule:

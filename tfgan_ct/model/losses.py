@@ -1,19 +1,12 @@
 """Losses of ESRGAN: pixel L1, perceptual (VGG19 conv5_4 L1) and relativistic average GAN.
 
-Generator loss in the GAN phase (ESRGAN's weights):
-    perceptual + 5e-3 * RaGAN_G + 1e-2 * L1
-Discriminator loss: RaGAN_D.
-
-All functions return per-example losses [b] so a distributed train step can
-scale them by the *global* batch (`tf.nn.compute_average_loss`).
-
-Relativistic average GAN (Jolicoeur-Martineau 2018), with C = logits and
-E = mean over the batch:
+All return per-example losses [b], so a distributed step can average them over the
+*global* batch (`tf.nn.compute_average_loss`). RaGAN (Jolicoeur-Martineau 2018), with
+C = logits and E = mean over the batch:
     D_Ra(real, fake) = sigmoid(C(real) - E[C(fake)])
     loss_D = (BCE(D_Ra(real, fake), 1) + BCE(D_Ra(fake, real), 0)) / 2
     loss_G = (BCE(D_Ra(real, fake), 0) + BCE(D_Ra(fake, real), 1)) / 2
-The batch means are taken over the global batch (all replicas), as in
-ESRGAN, which runs D on the whole batch at once.
+E is taken over the global batch (all replicas), as ESRGAN runs D on the whole batch.
 """
 from __future__ import annotations
 

@@ -1,20 +1,11 @@
-"""VGG19 feature extractor for the perceptual loss: conv5_4 *before* its ReLU.
+"""VGG19 feature extractor for the perceptual loss: conv5_4 *before* its ReLU (as ESRGAN).
 
-ESRGAN takes VGG19 features before the activation (they keep more
-information than after it). Keras' VGG19 folds the ReLU into `block5_conv4`,
-so the extractor ends in a linear copy of that layer with the same weights.
-
-Input NHWC [b, h, w, 1] in [0, 1]. Grey CT is replicated to three channels
-and normalised the way the Keras ImageNet weights expect (x 255, per-channel
-mean subtraction of `keras.applications.vgg19.preprocess_input`). ESRGAN's
-PyTorch VGG uses torchvision's weights with mean/std normalisation; the
-Keras weights are the original Caffe ones, so the features differ in scale
-from ESRGAN's (documented deviation).
-
-Weights (config `model.vgg_weights`): "imagenet" downloads Keras' ImageNet
-weights on first use (cached in ~/.keras); a path loads a local
-`.weights.h5`/`.h5` file of `keras.applications.VGG19(include_top=False)`;
-"none" keeps random weights, for tests only, and says so loudly in the log.
+Keras' VGG19 folds the ReLU into `block5_conv4`, so the extractor ends in a linear
+copy of that layer. Input NHWC [b, h, w, 1] in [0, 1]: replicated to three channels,
+x 255, Caffe ImageNet means subtracted (Keras' weights; ESRGAN uses torchvision's,
+see the README's deviation notes). Weights (`model.vgg_weights`): "imagenet"
+(downloaded once, cached in ~/.keras), the path of a local VGG19 `.h5` file, or
+"none": random weights, for tests only, said loudly in the log.
 """
 from __future__ import annotations
 
