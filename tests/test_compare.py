@@ -6,9 +6,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tfgan_ct.evaluation import compare
 from tfgan_ct.cli import main
+from tfgan_ct.evaluation import compare
 from tfgan_ct.evaluation.evaluate import Slice
+
 from helpers import SMALL_CONFIG
 
 

@@ -9,12 +9,13 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from tfgan_ct.evaluation import evaluate, metrics
-from tfgan_ct.data import resize
 from tfgan_ct.cli import main
 from tfgan_ct.config import load_config
+from tfgan_ct.data import resize
 from tfgan_ct.data.pipeline import load_manifest
 from tfgan_ct.data.shards import read_records
+from tfgan_ct.evaluation import evaluate, metrics
+
 from helpers import SMALL_CONFIG
 
 
@@ -104,7 +105,8 @@ def test_evaluate_cli_errors(converted, tiny_export, tmp_path):
                                 str(tiny_export), "--out", str(figure)])
     assert made.exit_code == 0 and figure.is_file(), made.output
     # The tiny export was trained on the NCCT window 40/80: another window is refused.
-    for command in (["evaluate", "ncct", "--out", str(tmp_path)], ["compare", "ncct", "--out", str(tmp_path / "f.png")]):
+    for command in (["evaluate", "ncct", "--out", str(tmp_path)],
+                    ["compare", "ncct", "--out", str(tmp_path / "f.png")]):
         other = runner.invoke(main, [*command, "--data", str(data), "--modality", "ncct", "--models-dir",
                                      str(tiny_export), "--set", "modalities.ncct.window.width=100"])
         assert other.exit_code != 0 and "trained on the HU window center 40 / width 80" in other.output, other.output
@@ -127,8 +129,8 @@ def test_only_modality_asks_to_choose(tmp_path):
 def test_natural_model_on_ct_is_not_refused_for_its_window():
     """A natural-image model applied to CT as it is (a baseline) has no CT window to match."""
     from tfgan_ct.config import Window
-    from tfgan_ct.evaluation.evaluate import EvaluationError, check_windows
     from tfgan_ct.deploy.inference import Method
+    from tfgan_ct.evaluation.evaluate import EvaluationError, check_windows
 
     natural = Method("natural", None, 4, {"stage": "natural", "window": {"center": 500.0, "width": 1000.0}})
     check_windows([natural], Window(40, 80), "ncct")

@@ -53,7 +53,7 @@ def test_layout_and_counts(dataset):
 
 def test_headers(dataset):
     for index, study in enumerate(dataset):
-        for key, paths in study.items():
+        for paths in study.values():
             ds = _read(paths[0])
             assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
             assert ds.SOPClassUID == pydicom.uid.CTImageStorage

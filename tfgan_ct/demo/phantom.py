@@ -610,7 +610,7 @@ def _blob_union(p: PatientParams, ells: np.ndarray, z: float, xn: np.ndarray, yn
     ells, dz = ells[keep], dz[keep]
     centres = p.nominal_to_scanner(ells[:, :3])
     lo_x, lo_y = xc[0] - px / 2, yc[0] - px / 2
-    for (cx, cy, cz, rx, ry, rz), (mx, my, _), dzi in zip(ells, centres, dz):
+    for (cx, cy, cz, rx, ry, _rz), (mx, my, _), dzi in zip(ells, centres, dz):
         reach = max(rx * sx, ry * sy) + 2 * edge
         win = (_window(lo_y, px, len(yc), my - reach, my + reach),
                _window(lo_x, px, len(xc), mx - reach, mx + reach))

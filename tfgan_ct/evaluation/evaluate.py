@@ -26,11 +26,11 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from tfgan_ct.deploy import inference
-from tfgan_ct.evaluation import metrics
 from tfgan_ct.config import Config, Window
-from tfgan_ct.fileio import atomic_write_text
+from tfgan_ct.deploy import inference
 from tfgan_ct.errors import TfganError
+from tfgan_ct.evaluation import metrics
+from tfgan_ct.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
