@@ -15,13 +15,15 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 
-from tfgan_ct.data import convert as convert_mod
-from tfgan_ct.data import resize
 from tfgan_ct.cli import main
 from tfgan_ct.config import load_config
+from tfgan_ct.data import convert as convert_mod
+from tfgan_ct.data import resize
+from tfgan_ct.data.conversion import ShardSet
 from tfgan_ct.data.masking import apply_mask, brain_mask
 from tfgan_ct.data.shards import read_records
 from tfgan_ct.data.splits import salted_hash
+
 from helpers import SMALL_CONFIG
 
 
@@ -188,7 +190,7 @@ def test_nothing_usable_fails(shared_data, tmp_path):
 
 def test_interrupted_run_leaves_nothing(phantom_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = convert_mod._write_records
+    real = ShardSet.add
 
     def failing(*args):
         calls["n"] += 1
@@ -196,7 +198,7 @@ def test_interrupted_run_leaves_nothing(phantom_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(convert_mod, "_write_records", failing)
+    monkeypatch.setattr(ShardSet, "add", failing)
     with pytest.raises(KeyboardInterrupt):
         convert_mod.convert([phantom_dir], tmp_path / "o", load_config(SMALL_CONFIG), workers=1,
                             progress=False)

@@ -3,7 +3,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from tfgan_ct.data import dicom_io
+from tfgan_ct.data import dicom_io, dicom_pixels
 
 
 @pytest.mark.parametrize("name", [
@@ -101,7 +101,7 @@ def test_fast_native_path_equals_pydicom(shared_data, phantom_dir):
              *[sorted(patient.rglob("*.dcm"))[0] for patient in sorted(phantom_dir.iterdir())]]
     for path in paths:
         ds = pydicom.dcmread(path)
-        fast = dicom_io._native_pixels(ds)
+        fast = dicom_pixels._native_pixels(ds)
         assert fast is not None, path
         reference = ds.pixel_array
         np.testing.assert_array_equal(fast, reference.reshape(fast.shape), err_msg=str(path))
@@ -201,12 +201,13 @@ def test_empty_samples_per_pixel_in_legacy_file_is_skipped(tmp_path, shared_data
 def test_bad_header_does_not_stop_the_header_pass(tmp_path, shared_data):
     """The conversion's header pass (`pool.imap(frames_of)`) reports the file and goes on."""
     from tfgan_ct.data import convert
+    from tfgan_ct.data.conversion import worker_pool
 
     ds = pydicom.dcmread(shared_data / UNCR)
     ds.SamplesPerPixel = None
     ds.save_as(tmp_path / "bad.dcm")
     (tmp_path / "good.dcm").write_bytes((shared_data / UNCR).read_bytes())
-    frames, skipped = convert.scan([tmp_path], convert._pool(1), progress=False)
+    frames, skipped = convert.scan([tmp_path], worker_pool(1), progress=False)
     assert [f.path for f in frames] == [str(tmp_path / "good.dcm")]
     assert [(s.path, s.reason) for s in skipped] == [(str(tmp_path / "bad.dcm"),
                                                       "unusable header (SamplesPerPixel is empty)")]

@@ -12,13 +12,15 @@ import yaml
 from click.testing import CliRunner, Result
 from PIL import Image
 
-from tfgan_ct.data import pipeline, resize
-from tfgan_ct.deploy import export
 from tfgan_ct.cli import main
 from tfgan_ct.config import load_config
-from tfgan_ct.data.images import convert_images, write_sample_images
+from tfgan_ct.data import pipeline, resize
+from tfgan_ct.data.images import convert_images
 from tfgan_ct.data.shards import read_records
 from tfgan_ct.data.splits import salted_hash
+from tfgan_ct.demo.sample_images import write_sample_images
+from tfgan_ct.deploy import export
+
 from helpers import SMALL_CONFIG
 
 SALT = "tfgan-ct:0"  # salt derived from the default seed

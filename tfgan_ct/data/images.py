@@ -1,9 +1,9 @@
 """`tfgan-ct convert-images`: PNG/JPEG/BMP/TIFF folders -> shards for the `natural` stage.
 
 The first stage of the chain learns from natural photographs (DIV2K in the
-paper; any folder of images works). This module writes them in the same
-shard format and manifest as `tfgan-ct convert` writes CT, with modality
-`natural`, so that `tfgan-ct train --stage natural` reads them like CT.
+paper; any folder of images works). This is the image source of
+`conversion.run_conversion`: the same shard format and manifest as CT, with
+modality `natural`, so that `tfgan-ct train --stage natural` reads them like CT.
 
 Intensities:
 - every image becomes one grey image on [0, 1]: ITU-R BT.601 luma
@@ -14,36 +14,23 @@ Intensities:
   holding values 0..65535) by 65535; 16-bit colour PNGs are read by Pillow as
   8-bit RGB; bilevel images become 0 and 1;
 - alpha is composited on black: Y x alpha (a fully transparent pixel is 0);
-- multi-frame files (TIFF) give their first frame; EXIF orientation is ignored
-  (it does not matter for super-resolution training);
+- multi-frame files (TIFF) give their first frame; EXIF orientation is ignored;
 - stored values are grey level x 1000 (config window `natural`: center 500,
-  width 1000, which the input pipeline maps back to [0, 1]): HR is int16
-  round(Y x 1000) in 0..1000, cropped at the bottom and right to a multiple
-  of the scale; LR is the MATLAB-style bicubic 1/scale (`resize.downscale`)
-  of that whole HR image, float32, same units; the mask is all ones.
+  width 1000): HR is int16 round(Y x 1000) in 0..1000, cropped at the bottom
+  and right to a multiple of the scale; LR is the MATLAB-style bicubic 1/scale
+  (`resize.downscale`) of that HR, float32, same units; the mask is all ones.
 
 Records: training images are cut into HR patches of `convert.patch_size`,
-`convert.patch_stride` apart (every patch is kept, flat ones too, as in
-ESRGAN's own data preparation); validation and test images are stored whole.
-Images smaller than one patch are skipped.
-
-Each image is its own "patient": split, patient and series fields hold salted
-hashes of its key, the image's path relative to its input folder (a file
-input's name; see `list_images` for keys that collide across inputs). No path or file name
-goes into a shard or the manifest; `convert.log` names skipped files only.
-
-Runs like `tfgan_ct.data.convert.convert`: files are checked (header and PNG
-checksums) in a process pool, split by image, then decoded, resized and
-serialised in the pool and written in a fixed order (salted-hash order of the
-images), so the same inputs and seed give byte-identical shards; output is
-staged in a hidden folder and renamed at the end.
+`convert.patch_stride` apart (every patch is kept, as in ESRGAN's own data
+preparation); validation and test images are stored whole. Images smaller
+than one patch are skipped. Each image is its own "patient": split, patient
+and series hold salted hashes of its key (see `list_images`); no path or file
+name goes into a shard or the manifest; `convert.log` names skipped files only.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,16 +38,23 @@ from typing import Iterable
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from tfgan_ct.data import resize, splits
 from tfgan_ct.config import Config, ConfigError
-from tfgan_ct.data.convert import (ConvertError, SliceResult, Summary, _pool, _skipped_text, check_output, check_settings,
-                              manifest_dict, settings_entry, slice_records)
-from tfgan_ct.data.dicom_io import Skipped
-from tfgan_ct.fileio import atomic_write_text, staged_directory
-from tfgan_ct.logs import log_to_file
-from tfgan_ct.data.shards import MANIFEST, RecordMeta, ShardWriter
+from tfgan_ct.data import resize, splits
+from tfgan_ct.data.conversion import (
+    ConvertError,
+    ShardSet,
+    SliceRecords,
+    SliceResult,
+    Summary,
+    header_pass,
+    manifest_dict,
+    run_conversion,
+    settings_entry,
+    slice_records,
+)
+from tfgan_ct.data.dicom_files import Skipped
+from tfgan_ct.data.shards import RecordMeta
 from tfgan_ct.errors import TfganError
 
 log = logging.getLogger("tfgan_ct.data.images")
@@ -282,9 +276,7 @@ def scan_images(inputs, pool, cfg: Config, progress: bool) -> tuple[list[tuple],
         log.info("%d file(s) without an image suffix (%s) ignored", others, " ".join(SUFFIXES))
     usable, skipped = [], []
     patch = cfg.convert.patch_size
-    bar = tqdm(total=len(files), desc="checking images", unit="image", disable=not progress)
-    for result in pool.imap(inspect, files, chunksize=8):
-        bar.update()
+    for result in header_pass(pool, inspect, files, 8, "checking images", "image", progress):
         if not isinstance(result, Skipped) and min(result[1]) < patch:
             height, width = result[1]
             result = Skipped(result[0].key, f"image too small ({height}x{width}, one patch is {patch}x{patch})",
@@ -294,7 +286,6 @@ def scan_images(inputs, pool, cfg: Config, progress: bool) -> tuple[list[tuple],
             skipped.append(result)
         else:
             usable.append(result)
-    bar.close()
     return usable, skipped
 
 
@@ -356,27 +347,22 @@ def write_image_shards(plans: list[ImagePlan], cfg: Config, stage: Path, pool, s
                        progress: bool) -> dict[str, list[dict]]:
     """Run the image tasks in `pool` and write their records, in plan order, to per-split shards."""
     import tensorflow  # noqa: F401 - load it now rather than under the progress bar
+    from tqdm import tqdm
 
     tasks = (_Task(i, p.file.path, p.file.key, RecordMeta(MODALITY, p.split, p.patient_hash, p.series_hash, 0),
                    cfg) for i, p in enumerate(plans))
-    writers: dict[str, ShardWriter] = {}
+    shards = ShardSet(stage, cfg.convert.shard_size, summary)
     bar = tqdm(total=len(plans), desc="converting", unit="image", disable=not progress)
     for index, result in pool.imap(process_image, tasks):
         bar.update()
-        split = plans[index].split
         if isinstance(result, Skipped):
             _log_skipped(result)
             summary.skipped.append(result)
             continue
         plans[index].converted = True
-        if split not in writers:
-            writers[split] = ShardWriter(stage, split, MODALITY, cfg.convert.shard_size)
-        for record in result:
-            writers[split].write(record)
-        summary.records[(split, MODALITY)] += len(result)
-        summary.slices[(split, MODALITY)] += 1
+        shards.add(plans[index].split, MODALITY, SliceRecords(0, result, has_brain=True))
     bar.close()
-    return {split: writers[split].close() if split in writers else [] for split in splits.SPLITS}
+    return shards.close()
 
 
 def build_image_manifest(plans: list[ImagePlan], shards: dict[str, list[dict]], summary: Summary,
@@ -395,87 +381,38 @@ def convert_images(inputs: Iterable[str | Path], out: str | Path, cfg: Config,
                    overwrite: bool = False, progress: bool = True) -> Summary:
     """Convert the image files under `inputs` into a `natural` shard dataset at `out`.
 
-    See the module docstring. Raises ConvertError when nothing usable is found,
-    `out` is not empty (without `overwrite`), or the split CSV is unreadable;
-    ConfigError for bad patch or split settings. `Summary.slices` counts images.
+    Raises ConvertError when nothing usable is found, `out` is not empty (without
+    `overwrite`), or the split CSV is unreadable; ConfigError for bad patch or split
+    settings. `Summary.slices` counts images.
     """
-    start = time.perf_counter()
-    check_settings(cfg)
-    inputs = list(inputs)
-    out = check_output(out, overwrite, inputs, "a dataset")
-    workers = workers or os.cpu_count() or 1
-    salt = cfg.convert.salt or f"tfgan-ct:{cfg.convert.seed}"
-    summary = Summary(out=out)
-    with _pool(workers) as pool, staged_directory(out, overwrite=overwrite) as stage, \
-            log_to_file(stage / "convert.log"):
-        usable, skipped = scan_images(inputs, pool, cfg, progress)
-        summary.skipped.extend(skipped)
-        plans = plan_images(usable, cfg, salt, split_csv)
-        where = ", ".join(map(str, inputs))
-        if not plans:
-            raise ConvertError(f"no usable images found in {where}{_skipped_text(skipped)}")
-        _log_plans(plans, skipped)
-        shards = write_image_shards(plans, cfg, stage, pool, summary, progress)
-        if not sum(summary.records.values()):
-            raise ConvertError(f"no usable images found in {where}{_skipped_text(summary.skipped)}")
-        summary.seconds = time.perf_counter() - start
-        manifest = build_image_manifest(plans, shards, summary, cfg, split_csv)
-        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        cfg.save(stage / "config.yaml")
-        _log_summary(summary)
-    return summary
+    return run_conversion(ImageSource(cfg, split_csv), inputs, out, cfg, workers, overwrite, progress)
 
 
-def _log_plans(plans: list[ImagePlan], skipped: list[Skipped]) -> None:
-    per_split = {s: sum(p.split == s for p in plans) for s in splits.SPLITS}
-    log.info("%d image(s): %s; %d file(s) skipped", len(plans),
-             ", ".join(f"{n} {s}" for s, n in per_split.items()), len(skipped))
+@dataclass
+class ImageSource:
+    """Image files as a `conversion.Source`: one grey image per file."""
 
+    cfg: Config
+    split_csv: str | Path | None = None
+    unit = "image"
+    nothing_found = "no usable images found"
 
-def _log_summary(summary: Summary) -> None:
-    n_images = sum(summary.slices.values())
-    for (split, _), n in sorted(summary.records.items()):
-        log.info("%s: %d record(s) from %d image(s)", split, n, summary.slices[(split, MODALITY)])
-    log.info("%d image(s) in %.1f s (%.1f images/s); %d file(s) skipped", n_images, summary.seconds,
-             n_images / max(summary.seconds, 1e-9), len(summary.skipped))
+    def scan(self, inputs, pool, progress: bool) -> tuple[list[tuple], list[Skipped]]:
+        return scan_images(inputs, pool, self.cfg, progress)
 
+    def plan(self, usable, skipped, salt: str) -> list[ImagePlan]:
+        plans = plan_images(usable, self.cfg, salt, self.split_csv)
+        if plans:
+            per_split = {s: sum(p.split == s for p in plans) for s in splits.SPLITS}
+            log.info("%d image(s): %s; %d file(s) skipped", len(plans),
+                     ", ".join(f"{n} {s}" for s, n in per_split.items()), len(skipped))
+        return plans
 
-# ---------------------------------------------------------------- bundled samples
+    def write(self, plans, stage: Path, pool, summary: Summary, progress: bool) -> dict[str, list[dict]]:
+        return write_image_shards(plans, self.cfg, stage, pool, summary, progress)
 
-# scikit-image photographs that ship inside its wheel (no download needed),
-# by fetcher name and bundled file name.
-SAMPLE_IMAGES = {
-    "astronaut": "astronaut.png", "camera": "camera.png", "chelsea": "chelsea.png",
-    "coffee": "coffee.png", "rocket": "rocket.jpg", "coins": "coins.png", "moon": "moon.png",
-    "grass": "grass.png", "gravel": "gravel.png", "brick": "brick.png",
-    "hubble_deep_field": "hubble_deep_field.jpg", "immunohistochemistry": "ihc.png",
-}
+    def nothing_written(self, summary: Summary, where: str) -> str:
+        return f"{self.nothing_found} in {where}"
 
-
-def write_sample_images(out_dir: str | Path) -> list[Path]:
-    """Save scikit-image's bundled sample photographs to `out_dir` as `<name>.png`.
-
-    Only images whose file ships inside the installed scikit-image package are
-    used, so nothing is downloaded; an image that cannot be loaded is left out
-    (logged). Returns the written paths in name order (RGB or grey 8-bit PNGs,
-    sizes from 303x384 to 872x1000).
-    """
-    import skimage.data
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bundled = Path(skimage.data.__file__).parent
-    written = []
-    for name, filename in sorted(SAMPLE_IMAGES.items()):
-        if not (bundled / filename).is_file():
-            log.info("sample image %s is not bundled with this scikit-image; left out", name)
-            continue
-        try:
-            array = getattr(skimage.data, name)()
-        except Exception as exc:  # noqa: BLE001 - any loader failure just leaves the image out
-            log.warning("sample image %s could not be loaded (%s); left out", name, exc)
-            continue
-        path = out_dir / f"{name}.png"
-        Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
-        written.append(path)
-    return written
+    def manifest(self, plans, shards, summary: Summary) -> dict:
+        return build_image_manifest(plans, shards, summary, self.cfg, self.split_csv)

@@ -14,8 +14,8 @@ import re
 from collections import defaultdict
 
 from tfgan_ct.config import ModalityRules
-from tfgan_ct.stages import CT_MODALITIES
 from tfgan_ct.data.dicom_io import Frame
+from tfgan_ct.stages import CT_MODALITIES
 
 MODALITIES = CT_MODALITIES  # what `classify` decides between
 

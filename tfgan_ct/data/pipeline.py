@@ -31,7 +31,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from tfgan_ct.config import Config, Window
+from tfgan_ct.config import Config
 from tfgan_ct.data.shards import FORMAT, FORMAT_VERSION, MANIFEST
 from tfgan_ct.errors import TfganError
 

@@ -37,9 +37,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+
+if TYPE_CHECKING:
+    import scipy.sparse
 
 _CUBIC_SUPPORT = 4.0
 

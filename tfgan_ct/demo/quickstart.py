@@ -66,6 +66,7 @@ def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwr
     from tfgan_ct.evaluation import evaluate
     from tfgan_ct.deploy import inference, upscale
     from tfgan_ct.demo import phantom
+    from tfgan_ct.demo.sample_images import write_sample_images
     from tfgan_ct.evaluation.compare import compare, save_png
     from tfgan_ct.fileio import atomic_write_text
     from tfgan_ct.logs import log_to_file
@@ -88,7 +89,7 @@ def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwr
         phantom.make_dataset(out / "phantom", n_patients=patients, seed=cfg.convert.seed, size=size,
                              workers=2)
         steps.next("writing scikit-image's bundled sample photographs")
-        photos = images.write_sample_images(out / "natural-images")
+        photos = write_sample_images(out / "natural-images")
         if not photos:
             raise QuickstartError("no sample images are bundled with the installed scikit-image")
 
