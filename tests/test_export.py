@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgan_ct.deploy import export
 from tfgan_ct.config import Window
+from tfgan_ct.deploy import export
 from tfgan_ct.model.discriminator import build_discriminator
 from tfgan_ct.model.generator import build_generator
 
@@ -62,7 +62,7 @@ def test_export_gives_up_on_a_version_it_cannot_take(tmp_path, monkeypatch):
     stage_dir = tmp_path / "models/ncct"
     (stage_dir / "1").mkdir(parents=True)
     (stage_dir / "1/leftover").write_text("x")
-    monkeypatch.setattr(export, "_next_version", lambda stage_dir: 1)
+    monkeypatch.setattr(export, "next_version", lambda stage_dir: 1)
     with pytest.raises(export.ExportError, match=r"ncct/1 already exists .*move away"):
         export_tiny(tmp_path / "models")
     assert sorted(p.name for p in stage_dir.iterdir()) == ["1"]     # staging folder removed

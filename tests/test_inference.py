@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from tfgan_ct.deploy import inference
 from tfgan_ct.data import resize
+from tfgan_ct.deploy import inference
 from tfgan_ct.model.generator import build_generator
 
 

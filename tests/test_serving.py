@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgan_ct.deploy import export, serving
 from tfgan_ct.config import Window
+from tfgan_ct.deploy import export, layout, serving
+from tfgan_ct.deploy.serving import artefacts, client
 from tfgan_ct.model.discriminator import build_discriminator
 from tfgan_ct.model.generator import build_generator
+
 from helpers import REPO
 
 model_server_config_pb2 = pytest.importorskip("tensorflow_serving.config.model_server_config_pb2")
@@ -64,7 +66,7 @@ def standin(models_dir):
 
 def direct(export_dir: Path, x: np.ndarray, signature="serving_default") -> np.ndarray:
     """The SavedModel's answer without any server."""
-    name_in, name_out = serving.SIGNATURES[signature]
+    name_in, name_out = layout.SIGNATURES[signature]
     model = tf.saved_model.load(str(export_dir))
     return model.signatures[signature](**{name_in: tf.constant(x)})[name_out].numpy()
 
@@ -84,11 +86,39 @@ def test_models_config_parses_as_model_server_config(models_dir):
     assert [(m.name, m.base_path, m.model_platform) for m in models] == [
         ("ncct", "/models/ncct", "tensorflow"), ("cta", "/models/cta", "tensorflow")]
 
-    for stage in ("ncct", "cta", "ctp"):  # the same rule as the exporter's, without TensorFlow
-        assert serving.versions(models_dir / stage) == export.versions(models_dir / stage)
     local = text_format.Parse(serving.models_config(models_dir), model_server_config_pb2.ModelServerConfig())
     assert [m.base_path for m in local.model_config_list.config] == [
         str((models_dir / "ncct").resolve()), str((models_dir / "cta").resolve())]
+
+
+def test_folder_rules_and_models_config_import_no_tensorflow(models_dir, tmp_path):
+    """layout and `tfgan-ct serve config` work without loading TensorFlow (a fast, light config step)."""
+    code = ("import sys\n"
+            "from pathlib import Path\n"
+            "import tfgan_ct.deploy.layout as layout\n"
+            "from tfgan_ct.cli import main\n"
+            f"assert layout.versions(Path({str(models_dir / 'ncct')!r})) == [1, 2]\n"
+            f"main(['serve', 'config', '--models-dir', {str(models_dir)!r}, '--out', {str(tmp_path / 'm.config')!r}],"
+            " standalone_mode=False)\n"
+            "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, 'TensorFlow imported'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout
+    assert text_format.Parse((tmp_path / "m.config").read_text(), model_server_config_pb2.ModelServerConfig())
+    assert stat.S_IMODE((tmp_path / "m.config").stat().st_mode) == 0o644
+    assert [layout.versions(models_dir / stage) for stage in ("ncct", "cta", "ctp")] == [[1, 2], [1], []]
+
+
+def test_serve_config_prints_models_config(models_dir):
+    from click.testing import CliRunner
+
+    from tfgan_ct.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "config", "--models-dir", str(models_dir), "--base-path", "/m"])
+    assert result.exit_code == 0, result.output
+    assert result.output == serving.models_config(models_dir, "/m")
+    missing = CliRunner().invoke(main, ["serve", "config", "--models-dir", str(models_dir / "none")])
+    assert missing.exit_code == 1 and "no export found" in missing.output
 
 
 def test_models_config_without_exports_says_so(tmp_path):
@@ -121,8 +151,8 @@ def read_warmup(path: Path) -> list:
 def test_export_writes_warmup_requests_tf_serving_reads(models_dir):
     path = models_dir / "ncct/2/assets.extra/tf_serving_warmup_requests"
     logs = read_warmup(path)
-    assert len(logs) == len(serving.WARMUP_SIZES)
-    for log, (b, h, w) in zip(logs, serving.WARMUP_SIZES):
+    assert len(logs) == len(artefacts.WARMUP_SIZES)
+    for log, (b, h, w) in zip(logs, artefacts.WARMUP_SIZES):
         assert log.WhichOneof("log_type") == "predict_log"
         request = log.predict_log.request
         assert request.model_spec.name == "ncct" and request.model_spec.signature_name == "serving_default"
@@ -208,7 +238,7 @@ def test_errors_name_the_url_and_the_problem(standin, monkeypatch):
             urllib.request.urlopen(request, timeout=60)
         assert caught.value.code == 400 and message in json.load(caught.value)["error"]
 
-    monkeypatch.setattr(serving, "SCALE", 2)           # a client expecting another scale
+    monkeypatch.setattr(client, "SCALE", 2)           # a client expecting another scale
     with pytest.raises(serving.ServingError, match=r"ncct:predict returned shape \(1, 16, 16, 1\), "
                                                    r"expected \(1, 8, 8, 1\)"):
         serving.predict(standin.url, "ncct", x)
@@ -221,8 +251,8 @@ def test_errors_name_the_url_and_the_problem(standin, monkeypatch):
 
 
 def test_standin_command_line(models_dir):
-    """`python -m tfgan_ct.deploy.serving standin` prints its URL, answers, and stops on SIGTERM."""
-    process = subprocess.Popen([sys.executable, "-m", "tfgan_ct.deploy.serving", "standin", "--models-dir",
+    """`tfgan-ct serve standin` prints its URL, answers, and stops on SIGTERM."""
+    process = subprocess.Popen([sys.executable, "-m", "tfgan_ct.cli", "serve", "standin", "--models-dir",
                                 str(models_dir), "--port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
     try:

@@ -18,10 +18,11 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 
-from tfgan_ct.data import dicom_io, resize
-from tfgan_ct.deploy import inference, upscale
 from tfgan_ct.cli import main
 from tfgan_ct.config import Window, load_config
+from tfgan_ct.data import dicom_io, resize
+from tfgan_ct.deploy import derived_dicom, inference, series_output, upscale
+
 from helpers import SMALL_CONFIG
 
 WIDE = Window(1000, 6000)  # no clipping of CT values: the bicubic method then gives bicubic HU
@@ -124,7 +125,7 @@ def test_cli_with_a_saved_model_npy_png_and_existing_output(phantom_dir, tiny_ex
 
 def test_interrupted_series_leaves_nothing_that_looks_complete(phantom_dir, cfg, tmp_path, monkeypatch):
     calls = []
-    original = upscale._write_dicom
+    original = series_output.write_dicom
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -132,7 +133,7 @@ def test_interrupted_series_leaves_nothing_that_looks_complete(phantom_dir, cfg,
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(upscale, "_write_dicom", failing)
+    monkeypatch.setattr(series_output, "write_dicom", failing)
     with pytest.raises(KeyboardInterrupt):
         upscale.upscale([phantom_dir / "patient00" / "01_ncct"], tmp_path, inference.bicubic(), cfg,
                         progress=False)
@@ -316,7 +317,7 @@ def _source_errors(path: Path, tmp_path: Path) -> set[str]:
     errors = _dciodvfy_errors(path)
     ds = dicom_io.read_dataset(path, pixels=True)
     if "SOPClassUID" not in ds:
-        ds.SOPClassUID = upscale.CT_IMAGE_STORAGE
+        ds.SOPClassUID = derived_dicom.CT_IMAGE_STORAGE
         ds.SOPInstanceUID = pydicom.uid.generate_uid()
         ds.file_meta = pydicom.dataset.FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
@@ -441,12 +442,13 @@ def test_unreadable_or_non_finite_source_is_a_named_skip(shared_data, cfg, tmp_p
 def test_non_finite_hu_and_model_output_are_refused(cfg):
     hu = np.zeros((16, 16), np.float32)
     method = inference.bicubic()
-    assert upscale._super_resolve_checked(method, hu, WIDE, "bicubic", 0, 0).shape == (64, 64)
+    options = upscale.UpscaleOptions(method, WIDE, "bicubic", tile=0, tile_pad=0)
+    assert series_output.checked_super_resolve(hu, options).shape == (64, 64)
     hu[3, 4] = np.nan
     with pytest.raises(ValueError, match="source image has 1 non-finite"):
-        upscale._super_resolve_checked(method, hu, WIDE, "bicubic", 0, 0)
+        series_output.checked_super_resolve(hu, options)
     with pytest.raises(ValueError, match="source image is empty"):
-        upscale._super_resolve_checked(method, np.zeros((0, 16), np.float32), WIDE, "bicubic", 0, 0)
+        series_output.checked_super_resolve(np.zeros((0, 16), np.float32), options)
 
 
 def _diverged(method: inference.Method) -> inference.Method:
@@ -472,15 +474,15 @@ def test_non_finite_model_output_is_a_named_skip(phantom_dir, cfg, tmp_path, cap
 
 
 def test_written_dicom_is_read_back_before_it_counts(shared_data, cfg, tmp_path):
-    """_write_dicom reads its file back: pixels that do not survive the round trip are not written."""
+    """write_dicom reads its file back: pixels that do not survive the round trip are not written."""
     src = shared_data / "dicom" / "head-ncct" / "pydicom-data_693_UNCR.dcm"
-    uids = upscale._Uids(series="1.2.3", frame_of_reference="1.2.4", study="1.2.5")
+    uids = derived_dicom.SeriesUids(series="1.2.3", frame_of_reference="1.2.4", study="1.2.5")
     target = tmp_path / "IM00001.dcm"
-    upscale._write_dicom(str(src), np.full((64, 64), 40.0, np.float32), target, uids, inference.bicubic(), WIDE)
+    derived_dicom.write_dicom(str(src), np.full((64, 64), 40.0, np.float32), target, uids, inference.bicubic(), WIDE)
     assert pydicom.dcmread(target).pixel_array.shape == (64, 64)
     with pytest.raises(ValueError, match="does not read back"):
-        upscale._write_dicom(str(src), np.zeros((0, 64), np.float32), tmp_path / "IM00002.dcm", uids,
-                             inference.bicubic(), WIDE)
+        derived_dicom.write_dicom(str(src), np.zeros((0, 64), np.float32), tmp_path / "IM00002.dcm", uids,
+                                  inference.bicubic(), WIDE)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["IM00001.dcm"]  # no temporary file left
 
 
@@ -544,8 +546,8 @@ def test_check_replaceable_protects_an_input_inside_the_series_folder(shared_dat
                              folder / "IM00001.dcm")
     with pytest.raises(fileio.OutputError, match="holds the input"):
         fileio.check_replaceable(folder, upscale._inputs_under(folder, [Path(source).resolve()]),
-                                 upscale._is_our_series, "a series folder of upscale")
-    assert not upscale._is_our_series(folder)  # named like ours, but not derived by tfgan-ct
+                                 series_output.is_our_series, "a series folder of upscale")
+    assert not series_output.is_our_series(folder)  # named like ours, but not derived by tfgan-ct
 
 
 @pytest.mark.parametrize("foreign", ["notes.txt", "IM00009.dcm", "sub/"])
@@ -553,7 +555,7 @@ def test_overwrite_refuses_a_series_folder_with_foreign_files(shared_data, cfg, 
     source = shared_data / "dicom" / "chest-series" / "dcmqi_ct-3slice_01.dcm"
     out = tmp_path / "out"
     [series] = upscale.upscale([source], out, inference.bicubic(), cfg, window=WIDE, progress=False).series
-    assert upscale._is_our_series(series)
+    assert series_output.is_our_series(series)
     if foreign.endswith("/"):
         (series / foreign).mkdir()
     elif foreign.endswith(".dcm"):
@@ -572,7 +574,7 @@ def test_overwrite_refuses_a_series_folder_with_foreign_files(shared_data, cfg, 
 def test_overwrite_replaces_its_own_series_folder(phantom_dir, cfg, tmp_path, fmt):
     source_dir = phantom_dir / "patient00" / "01_ncct"
     first = upscale.upscale([source_dir], tmp_path, inference.bicubic(), cfg, fmt=fmt, progress=False)
-    assert upscale._is_our_series(first.series[0])
+    assert series_output.is_our_series(first.series[0])
     again = upscale.upscale([source_dir], tmp_path, inference.bicubic(), cfg, fmt="dicom", overwrite=True,
                             progress=False)
     assert again.series == first.series and len(dicoms(tmp_path)) == again.images
@@ -700,4 +702,4 @@ def test_skipped_images_carry_a_reason_code(shared_data, cfg, tmp_path):
     assert summary.images == 2 and len(dicoms(tmp_path / "out")) == 2
     [item] = summary.skipped
     assert Path(item.path).name == series[0].name and item.code == "non-finite-hu"
-    assert item.code in {**dicom_io.REASONS, **upscale.REASONS}
+    assert item.code in {**dicom_io.REASONS, **series_output.REASONS}

@@ -268,7 +268,8 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
     brain mask, and over the whole slice as a second figure.
     """
     from tfgan_ct.deploy.inference import BICUBIC
-    from tfgan_ct.evaluation.evaluate import check_windows, evaluate as run, markdown, summarize, write_outputs
+    from tfgan_ct.evaluation.evaluate import check_windows, markdown, summarize, write_outputs
+    from tfgan_ct.evaluation.evaluate import evaluate as run
     from tfgan_ct.logs import log_to_file
 
     specs = list(dict.fromkeys([BICUBIC, *methods]))
@@ -305,8 +306,9 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
 def compare(methods, data_dir, out, indices, count, roi, panel, modality, split, models_dir, tile, tile_pad,
             cfg):
     """Figure in the style of the paper's Figure 2: bicubic, METHODS, ground truth, zoomed region."""
+    from tfgan_ct.evaluation.compare import compare as make
+    from tfgan_ct.evaluation.compare import save_png
     from tfgan_ct.evaluation.evaluate import check_windows
-    from tfgan_ct.evaluation.compare import compare as make, save_png
 
     try:
         index_list = [int(v) for v in indices.split(",")] if indices else None
@@ -366,6 +368,40 @@ def upscale(inputs, out, spec, server, fmt, window, outside_window, models_dir, 
                   overwrite, progress=not no_progress)
     click.echo(f"wrote {summary.images} image(s) in {len(summary.series)} series to {out} "
                f"({len(summary.skipped)} file(s) skipped)")
+
+
+@main.group()
+def serve() -> None:
+    """TensorFlow Serving: write models.config, or run a local stand-in for tests and demos."""
+
+
+@serve.command("config")
+@click.option("--models-dir", default="saved_models", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of <stage>/<version>/ exports.")
+@click.option("--base-path", default=None,
+              help="Model path prefix as the server sees it, e.g. /models (default: absolute local path).")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write here instead of printing.")
+def serve_config(models_dir, base_path, out):
+    """Print or write models.config for TensorFlow Serving: one model per exported stage."""
+    from tfgan_ct.deploy.serving.artefacts import models_config, write_models_config
+
+    if out:
+        write_models_config(models_dir, base_path, out)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(models_config(models_dir, base_path), nl=False)
+
+
+@serve.command("standin")
+@click.option("--models-dir", default="saved_models", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of <stage>/<version>/ exports; the newest version of each stage is served.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8501, show_default=True, help="Port to listen on (0: any free one).")
+def serve_standin(models_dir, host, port):
+    """STAND-IN REST server for tests and demos (not TensorFlow Serving: no gRPC, batching or reload)."""
+    from tfgan_ct.deploy.serving import standin
+
+    standin.serve(standin.make_standin(models_dir, host, port, quiet=False), click.echo)
 
 
 def bundled_config(name: str) -> Path:

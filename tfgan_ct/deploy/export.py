@@ -1,38 +1,22 @@
 """SavedModel export of a trained stage, and warm start from such an export.
 
-Layout (what TensorFlow Serving reads; integer versions, the newest is served):
-
-    saved_models/<stage>/<version>/
-        saved_model.pb, variables/     plain-TensorFlow SavedModel, no tfgan_ct import needed
-        assets.extra/                  TF Serving warm-up requests (tfgan_ct.deploy.serving.write_warmup)
-        tfgan_ct.json                  metadata: stage, parent, window, scale, config, data hash
-
-Signatures:
+Folder layout and metadata: `tfgan_ct.deploy.layout`. Signatures:
     serving_default: lr  float32 [b, h, w, 1] in [0, 1]  ->  sr [b, 4h, 4w, 1] in [0, 1]
     hu:              lr_hu float32 [b, h, w, 1] in HU    ->  sr_hu [b, 4h, 4w, 1] in HU
 Variable collections `generator_variables` and `discriminator_variables` carry
-both networks for the next stage's warm start; their Keras variable paths
-(e.g. `rrdb00/rdb1/conv1/kernel`) are listed, in the same order, in the
-metadata (`variable_paths`), because the TensorFlow names of nested Keras
-variables are not unique.
+both networks for the next stage's warm start; their Keras variable paths are
+listed, in the same order, in the metadata (`variable_paths`), because the
+TensorFlow names of nested Keras variables are not unique.
 
-An export is written in a staging folder beside its final folder
-(`.export.partial-<host>-<pid>-<random>`, `fileio.make_staging`) and renamed
-when complete: a crash mid-export leaves no integer-named folder that
-TensorFlow Serving would pick up, and the next export removes the staging
-that dead processes left. A full disk ends the export with an ExportError
-naming the folder, and nothing half-written is kept.
-
-Exports always compute in float32: a generator trained under a mixed
-precision policy is exported as a float32 copy with the same weights and
-variable paths (RRDB networks overflow in float16 inference).
+An export is written in a staging folder (`fileio.make_staging`) and renamed
+to its version when complete, so TensorFlow Serving never sees half an export.
+Exports always compute in float32 (RRDB networks overflow in float16).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -40,36 +24,13 @@ import keras
 import tensorflow as tf
 
 from tfgan_ct import fileio
-from tfgan_ct.deploy import serving
 from tfgan_ct.config import Window
-from tfgan_ct.errors import TfganError
+from tfgan_ct.deploy.layout import METADATA, ExportError, next_version, read_metadata, resolve, versions  # noqa: F401 - re-exported: export.resolve, export.versions
+from tfgan_ct.deploy.serving.artefacts import write_warmup
 
 log = logging.getLogger("tfgan_ct.deploy.export")
 
-METADATA = "tfgan_ct.json"
 RENAME_ATTEMPTS = 5                 # version numbers tried before export_stage gives up
-
-
-class ExportError(TfganError, RuntimeError):
-    """A missing, unreadable or incompatible export."""
-
-
-def _is_version(name: str) -> bool:
-    return name.isascii() and name.isdigit()
-
-
-def versions(stage_dir: Path) -> list[int]:
-    """Integer versions present under saved_models/<stage>, sorted (complete exports only)."""
-    if not stage_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in stage_dir.iterdir()
-                  if p.is_dir() and _is_version(p.name) and (p / "saved_model.pb").is_file())
-
-
-def _next_version(stage_dir: Path) -> int:
-    """1 + the largest integer-named entry of any kind: an incomplete folder or a stray
-    file named `1` blocks that number as surely as a complete export does."""
-    return max((int(p.name) for p in stage_dir.iterdir() if _is_version(p.name)), default=0) + 1
 
 
 def export_stage(generator: keras.Model, discriminator: keras.Model, models_dir: str | Path,
@@ -111,9 +72,9 @@ def _write_version(generator: keras.Model, discriminator: keras.Model, stage_dir
                    stage: str, window: Window, scale: int, metadata: dict) -> Path:
     """Write the SavedModel in `staging/model`, then rename it to the next free version in `stage_dir`."""
     _write_saved_model(generator, discriminator, staging / "model", window)
-    serving.write_warmup(staging / "model", model_name=stage)
+    write_warmup(staging / "model", model_name=stage)
     for _ in range(RENAME_ATTEMPTS):
-        version = _next_version(stage_dir)
+        version = next_version(stage_dir)
         info = {**metadata, "stage": stage, "version": version, "scale": scale,
                 "window": window.as_dict(),
                 "signatures": {"serving_default": "lr [b,h,w,1] in [0,1] -> sr [b,4h,4w,1]",
@@ -190,58 +151,6 @@ def _write_saved_model(generator: keras.Model, discriminator: keras.Model, path:
     archive.add_variable_collection("generator_variables", generator.variables)
     archive.add_variable_collection("discriminator_variables", discriminator.variables)
     archive.write_out(str(path), verbose=False)
-
-
-def resolve(spec: str, models_dir: str | Path) -> Path:
-    """Export folder for 'stage' (newest version), 'stage@N', or a path to a version folder."""
-    models_dir = Path(models_dir)
-    match = re.fullmatch(r"([a-z]+)(?:@(\d+))?", spec)
-    if match and not Path(spec).exists():
-        stage, version = match.group(1), match.group(2)
-        available = versions(models_dir / stage)
-        if version is None:
-            if not available:
-                raise ExportError(f"no export of stage {stage!r} in {models_dir / stage}; make it with "
-                                  f"`tfgan-ct train --stage {stage} --data DIR`")
-            return models_dir / stage / str(available[-1])
-        if int(version) not in available:
-            raise ExportError(f"{spec}: no version {version} in {models_dir / stage} "
-                              f"(available: {', '.join(map(str, available)) or 'none'})")
-        return models_dir / stage / version
-    path = Path(spec)
-    if (path / "saved_model.pb").is_file():
-        return path
-    if path.is_dir() and versions(path):
-        return path / str(versions(path)[-1])
-    raise ExportError(f"{spec}: neither a stage name nor a SavedModel folder")
-
-
-def read_metadata(path: Path) -> dict:
-    """The metadata JSON object of the export at `path`; {} when it has none.
-
-    Raises ExportError, naming the export, when the file cannot be read, is
-    not UTF-8 JSON or does not hold a JSON object (a damaged export).
-    """
-    file = Path(path) / METADATA
-    try:
-        text = file.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        return {}
-    except UnicodeDecodeError:
-        raise ExportError(f"{path}: damaged export, its {METADATA} is not UTF-8 text (binary data?); "
-                          f"export it again or choose another") from None
-    except OSError as exc:
-        raise ExportError(f"{path}: cannot read its {METADATA} ({exc.strerror or exc})") from None
-    try:
-        info = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path}: damaged export, its {METADATA} is not valid JSON ({exc}); "
-                          f"export it again or choose another") from None
-    if not isinstance(info, dict):
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(info), "a number")
-        raise ExportError(f"{path}: damaged export, its {METADATA} holds {kind} instead of a JSON object; "
-                          f"export it again or choose another")
-    return info
 
 
 def load_saved_model(path: Path):

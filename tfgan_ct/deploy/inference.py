@@ -1,25 +1,18 @@
 """Running a super-resolution method on [0, 1] images, whole or in tiles.
 
-A *method* is anything that turns LR images into SR images four times larger:
-
-- an exported stage, loaded with plain ``tf.saved_model.load`` (what TensorFlow
-  Serving serves) and called through its ``serving_default`` signature;
-- the same export behind a TensorFlow Serving REST endpoint (``--server URL``);
-- ``bicubic``, the MATLAB-compatible bicubic baseline of `tfgan_ct.data.resize`.
-
-All of them take ``lr`` float32 [b, h, w, 1] in [0, 1] and return ``sr``
+A *method* turns LR images float32 [b, h, w, 1] in [0, 1] into SR images
 float32 [b, 4h, 4w, 1] in [0, 1] (NHWC), so evaluation, figures and
-`tfgan-ct upscale` treat them alike.
+`tfgan-ct upscale` treat them alike: an exported stage loaded with plain
+``tf.saved_model.load`` (its ``serving_default`` signature), the same export
+behind a TensorFlow Serving REST endpoint (``--server URL``), or ``bicubic``
+(`tfgan_ct.data.resize`).
 
 Tiled inference (`upscale_image` with ``tile > 0``) bounds memory for any
-image size, as Real-ESRGAN's ``--tile``/``--tile_pad``: the LR image is cut
-into ``tile`` x ``tile`` pieces, each run with ``pad`` extra LR pixels of
-context on every side (clipped at the image border), and only the piece's own
-part of the output is kept. Where ``pad`` covers the network's receptive
-field the result equals the untiled one to float precision; the paper network
-(23 RRDB blocks) sees about 350 LR pixels in every direction, so with a
-practical ``pad`` tiles differ from the whole-image result by a small amount
-near the seams, as in Real-ESRGAN.
+image size, as Real-ESRGAN's ``--tile``/``--tile_pad``: each ``tile`` x
+``tile`` LR piece runs with ``pad`` LR pixels of context (clipped at the
+border) and only its own part of the output is kept. Tiles equal the whole
+image where ``pad`` covers the receptive field (about 350 LR pixels for the
+paper network), and differ slightly near the seams otherwise.
 """
 from __future__ import annotations
 
@@ -30,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tfgan_ct.data import resize
+from tfgan_ct.deploy.layout import METADATA, ExportError, read_metadata, resolve
 from tfgan_ct.errors import TfganError
 
 log = logging.getLogger(__name__)
@@ -76,7 +70,7 @@ def saved_model(path: str | Path, name: str | None = None) -> Method:
     """
     import tensorflow as tf
 
-    from tfgan_ct.deploy.export import ExportError, load_saved_model, read_metadata
+    from tfgan_ct.deploy.export import load_saved_model
 
     path = Path(path)
     try:
@@ -91,7 +85,7 @@ def saved_model(path: str | Path, name: str | None = None) -> Method:
                              f"(it has {', '.join(loaded.signatures) or 'no signatures'})") from None
     scale = metadata.get("scale", 4)
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise InferenceError(f"{path}: damaged export, 'scale' in its tfgan_ct.json is {scale!r}, "
+        raise InferenceError(f"{path}: damaged export, 'scale' in its {METADATA} is {scale!r}, "
                              f"not a positive integer")
 
     def predict(lr: np.ndarray) -> np.ndarray:
@@ -104,12 +98,12 @@ def saved_model(path: str | Path, name: str | None = None) -> Method:
 def remote(url: str, model: str, version: int | None = None, name: str | None = None,
            scale: int = 4) -> Method:
     """A model served by TensorFlow Serving (REST API) at `url`, e.g. http://host:8501."""
-    from tfgan_ct.deploy import serving
+    from tfgan_ct.deploy.serving import client
 
     def predict(lr: np.ndarray) -> np.ndarray:
         try:
-            return serving.predict(url, model, _check_batch(lr), version=version)
-        except serving.ServingError as exc:
+            return client.predict(url, model, _check_batch(lr), version=version)
+        except client.ServingError as exc:
             raise InferenceError(str(exc)) from None
 
     return Method(name or f"{model}@{url}", predict, scale,
@@ -123,8 +117,6 @@ def load(spec: str, models_dir: str | Path = "saved_models", server: str | None 
     With `server`, stage names are sent to that TensorFlow Serving endpoint
     instead of being loaded here ('stage@N' asks for version N).
     """
-    from tfgan_ct.deploy.export import ExportError, resolve
-
     name, _, spec = spec.rpartition("=") if "=" in spec else (None, "", spec)
     if spec == BICUBIC:
         method = bicubic()

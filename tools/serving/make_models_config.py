@@ -5,7 +5,8 @@ One model per stage (natural, ncct, ctp, cta) that has at least one complete
 export; each is served at its newest integer version. `--base-path` is where
 the server sees the saved_models folder (the official Docker image mounts it
 at /models, see tools/serving/README.md); `--base-path local` writes absolute
-paths of this machine instead.
+paths of this machine instead. `tfgan-ct serve config` does the same with
+other defaults (absolute paths, printed).
 
 Usage::
 
@@ -19,12 +20,10 @@ import sys
 from pathlib import Path
 
 try:
-    from tfgan_ct.fileio import atomic_write_text
-    from tfgan_ct.deploy.serving import ServingError, models_config
+    from tfgan_ct.deploy.serving.artefacts import ServingError, write_models_config
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tfgan_ct.fileio import atomic_write_text
-    from tfgan_ct.deploy.serving import ServingError, models_config
+    from tfgan_ct.deploy.serving.artefacts import ServingError, write_models_config
 
 
 def main(argv=None) -> int:
@@ -34,13 +33,11 @@ def main(argv=None) -> int:
                         help="saved_models as the server sees it (default /models); 'local' for absolute local paths")
     parser.add_argument("--out", default=None, help="output file (default: <models-dir>/models.config)")
     args = parser.parse_args(argv)
+    out = Path(args.out or Path(args.models_dir) / "models.config")
     try:
-        text = models_config(args.models_dir, None if args.base_path == "local" else args.base_path)
+        text = write_models_config(args.models_dir, None if args.base_path == "local" else args.base_path, out)
     except ServingError as exc:
         parser.exit(2, f"error: {exc}\n")
-    out = Path(args.out or Path(args.models_dir) / "models.config")
-    atomic_write_text(out, text)
-    out.chmod(0o644)  # the server may run as another user
     print(f"wrote {out}:\n{text}", end="")
     return 0
 

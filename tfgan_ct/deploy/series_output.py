@@ -1,0 +1,258 @@
+"""One series of `tfgan-ct upscale`: source HU in, images or an array out, in a staging folder.
+
+The model sees the [0, 1] image of its window and has nothing to say outside
+it: pixels whose bicubic upscale lies below the window floor or above its
+ceiling take the bicubic HU (`outside="bicubic"`), or the model's output is
+kept everywhere, clipped to the window (`"clip"`). HU images are float32
+[h, w] in, [4h, 4w] out.
+
+`--format dicom` writes IM00001.dcm ... (`derived_dicom`), `png` windowed
+8-bit PNGs, `npy` one float32 HU array sr_hu.npy [slices, 4h, 4w] with
+slices.json naming the source of each index and the images left out. A
+source with non-finite HU, a non-finite model output or a DICOM that does
+not read back is skipped with its reason.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tfgan_ct.config import Window
+from tfgan_ct.data import dicom_io, resize
+from tfgan_ct.deploy import inference
+from tfgan_ct.deploy.derived_dicom import SeriesUids, derived_by_us, write_dicom
+from tfgan_ct.fileio import atomic_write_bytes, atomic_write_text, staged_directory
+
+log = logging.getLogger("tfgan_ct.deploy.upscale")
+
+FORMATS = ("dicom", "png", "npy")
+_OUR_FILES = re.compile(r"IM\d{5}\.(?:dcm|png)|sr_hu\.npy|slices\.json")
+
+# Reason codes of images skipped by upscale itself (beside dicom_io.REASONS of the reading).
+REASONS = {
+    "non-finite-hu": "the source image has NaN or infinite HU",
+    "empty-image": "the source image or the model output is empty or of the wrong size",
+    "model-output": "the model's output is not finite (NaN or infinite)",
+    "multi-frame-output": "a multi-frame image cannot be written back as DICOM yet",
+    "write-failed": "the derived DICOM cannot be written or does not read back",
+}
+
+
+@dataclass
+class Summary:
+    """What an upscale run did."""
+
+    series: list[Path] = field(default_factory=list)
+    images: int = 0
+    skipped: list[dicom_io.Skipped] = field(default_factory=list)
+    existing: list[Path] = field(default_factory=list)  # series left out: output exists, no --overwrite
+    failed: list[str] = field(default_factory=list)     # series left out for another reason (one line each)
+    refused: list[str] = field(default_factory=list)    # --overwrite would replace what is not ours (why)
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    """How every image of a run is super-resolved and written."""
+
+    method: inference.Method
+    window: Window                  # HU window the model works in
+    outside: str = "bicubic"        # pixels outside the window: "bicubic" HU or "clip" (the model's)
+    tile: int = 0                   # LR tile size (0: whole image)
+    tile_pad: int = 16              # LR pixels of context around each tile
+    fmt: str = "dicom"              # one of FORMATS
+    overwrite: bool = False         # replace series folders upscale wrote
+    out_of_field_hu: float = -1000.0    # HU of pixels outside the scanner's field of view
+
+
+@dataclass
+class Run:
+    """What the series of one run share."""
+
+    options: UpscaleOptions
+    summary: Summary
+    bar: object                                          # tqdm progress bar, one step per source image
+    study_uids: dict = field(default_factory=dict)       # source study -> generated StudyInstanceUID
+    inputs: list[Path] = field(default_factory=list)     # resolved input files and folders: never replaced
+
+
+def skip(summary: Summary, item: dicom_io.Skipped) -> None:
+    """Report a file left out, once (one line naming it and the reason), and count it."""
+    if any(s.path == item.path for s in summary.skipped):
+        return  # a multi-frame file is reported once, not per frame
+    log.warning("skipped %s: [%s] %s", dicom_io.relpath(item.path), item.code, item.reason)
+    summary.skipped.append(item)
+
+
+def super_resolve_hu(method: inference.Method, hu: np.ndarray, window: Window, outside: str = "bicubic",
+                     tile: int = 0, tile_pad: int = 16) -> np.ndarray:
+    """HU image [h, w] -> float32 HU [4h, 4w] through the model's [0, 1] window.
+
+    Raises ValueError when the model's output is not finite (a diverged model), before clipping
+    could hide an infinity.
+    """
+    unit = window.to_unit(hu.astype(np.float32))
+    sr = np.clip(_checked(inference.upscale_image(method, unit, tile, tile_pad), "model output"), 0.0, 1.0)
+    sr_hu = window.from_unit(sr)
+    if outside == "bicubic":
+        bicubic = resize.upscale(hu, method.scale).astype(np.float32)
+        sr_hu = np.where(window.contains(bicubic), sr_hu, bicubic)
+    elif outside != "clip":
+        raise ValueError(f"outside must be 'bicubic' or 'clip', got {outside!r}")
+    return sr_hu.astype(np.float32)
+
+
+def fill_series(frames: list[dicom_io.Frame], final: Path, run: Run, uids: SeriesUids) -> int:
+    """Write the series' images into a staging folder that becomes `final`; the count written.
+
+    Raises SeriesFailed (nothing kept) when no image could be upscaled or, for npy, sizes differ;
+    an OSError (e.g. a full disk) after the staging folder is removed.
+    """
+    options, summary = run.options, run.summary
+    fmt = options.fmt
+    if fmt == "npy":
+        _check_one_size(frames)
+    stack, slices, left_out, written = [], [], [], 0
+    with staged_directory(final, overwrite=True) as stage:
+        for index, frame in enumerate(frames, start=1):
+            run.bar.update()
+            try:
+                hu, path = _read_frame(frame, options.out_of_field_hu)
+            except _Unreadable as exc:
+                for item in exc.args[0]:
+                    skip(summary, item)
+                left_out.append(_slice_record(index, frame, reason=exc.args[0][0].reason))
+                continue
+            try:
+                sr_hu = checked_super_resolve(hu, options)
+                if fmt == "dicom":
+                    write_dicom(path, sr_hu, stage / f"IM{index:05d}.dcm", uids, options.method, options.window)
+            except ValueError as exc:
+                skip(summary, dicom_io.skipped(path, exc))
+                left_out.append(_slice_record(index, frame, reason=str(exc)))
+                continue
+            if fmt == "png":
+                atomic_write_bytes(stage / f"IM{index:05d}.png", _png(sr_hu, options.window))
+            elif fmt == "npy":
+                if stack and sr_hu.shape != stack[0].shape:
+                    raise SeriesFailed(_sizes_message([*(a.shape for a in stack), sr_hu.shape], scaled=True))
+                slices.append({"index": len(stack), **_slice_record(index, frame)})
+                stack.append(sr_hu)
+            written += 1
+        for note in sorted(uids.notes):
+            log.warning("%s: %s", final.name, note)
+        if not written:
+            raise SeriesFailed("no image of this series could be upscaled")
+        if fmt == "npy":
+            _save_npy(stage / "sr_hu.npy", np.stack(stack))
+            atomic_write_text(stage / "slices.json", json.dumps(
+                {"array": "sr_hu.npy", "shape": [len(stack), *stack[0].shape], "slices": slices,
+                 "left_out": left_out}, indent=1) + "\n")
+    return written
+
+
+def checked_super_resolve(hu: np.ndarray, options: UpscaleOptions) -> np.ndarray:
+    """super_resolve_hu of a checked source image (HU [h, w]), its output checked too: float32 HU
+    [4h, 4w], finite. ValueError (the skip reason) for non-finite or empty input or output."""
+    _checked(hu, "source image")
+    method = options.method
+    sr_hu = super_resolve_hu(method, hu, options.window, options.outside, options.tile, options.tile_pad)
+    return _checked(sr_hu, "model output", (method.scale * hu.shape[0], method.scale * hu.shape[1]))
+
+
+def _slice_record(index: int, frame: dicom_io.Frame, reason: str | None = None) -> dict:
+    """Where an npy slice came from: its place in the sorted source series, InstanceNumber, position."""
+    record = {"source_index": index, "instance_number": frame.instance,
+              "position_mm": None if frame.position is None else round(frame.position, 4)}
+    if reason is not None:
+        record.update(file=Path(frame.path).name, frame=frame.frame, reason=reason)
+    return record
+
+
+def _check_one_size(frames) -> None:
+    """--format npy stacks the series: every image must have the same size."""
+    sizes = [(f.rows, f.columns) for f in frames]
+    if len(set(sizes)) > 1:
+        raise SeriesFailed(_sizes_message(sizes, scaled=False))
+
+
+def _sizes_message(shapes, scaled: bool) -> str:
+    counts: dict[tuple, int] = defaultdict(int)
+    for shape in shapes:
+        counts[tuple(shape)] += 1
+    listed = ", ".join(f"{r}x{c}: {n}" for (r, c), n in sorted(counts.items()))
+    what = "upscaled images" if scaled else "images"
+    return (f"{what} of different sizes ({listed} image(s)); --format npy stacks one series into one "
+            f"array and needs a single size: use --format dicom or png for this series")
+
+
+class SeriesFailed(Exception):
+    """Raised inside the staging block to discard a series; args[0] says why."""
+
+
+def _read_frame(frame: dicom_io.Frame, out_of_field_hu: float) -> tuple[np.ndarray, str]:
+    """HU [h, w] of a frame and the file it came from (a duplicate when the first cannot be read)."""
+    errors = []
+    for path in [frame.path, *frame.duplicates]:
+        try:
+            return dicom_io.read_hu(path, [frame.frame], out_of_field_hu)[0], path
+        except ValueError as exc:
+            errors.append(dicom_io.skipped(path, exc))
+        except dicom_io.HEADER_ERRORS as exc:  # a malformed header value (e.g. a two-valued padding)
+            errors.append(dicom_io.Skipped(path, f"unusable header ({type(exc).__name__}: {exc})", "bad-header"))
+    raise _Unreadable(errors)
+
+
+def _checked(image: np.ndarray, what: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """`image` ([h, w], HU or [0, 1]) if it is a non-empty, finite 2-D image (of `shape` when given);
+    else dicom_io.Unusable (a ValueError with a REASONS code) saying what is wrong with the `what`."""
+    if image.ndim != 2 or image.size == 0:
+        raise dicom_io.Unusable("empty-image", f"{what} is empty or not 2-D "
+                                               f"(shape {'x'.join(map(str, image.shape))})")
+    if shape is not None and image.shape != tuple(shape):
+        raise dicom_io.Unusable("empty-image", f"{what} is {image.shape[0]}x{image.shape[1]}, "
+                                               f"expected {shape[0]}x{shape[1]}")
+    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+    if bad:
+        source = what == "source image"
+        hint = " (RescaleSlope/RescaleIntercept not finite?)" if source else ""
+        raise dicom_io.Unusable("non-finite-hu" if source else "model-output",
+                                f"{what} has {bad} non-finite (NaN or infinite) value(s){hint}; not upscaled")
+    return image
+
+
+class _Unreadable(Exception):
+    """No copy of a frame could be decoded; args[0] lists (path, reason) per copy."""
+
+
+def is_our_series(folder: Path) -> bool:
+    """Whether every entry of `folder` is a file `upscale` writes: IM*.dcm derived by tfgan-ct
+    (its DerivationDescription), IM*.png, sr_hu.npy or slices.json. Recognised from the files
+    themselves, so no marker file lands in a folder a PACS may import."""
+    for entry in folder.iterdir():
+        if entry.is_symlink() or not entry.is_file() or not _OUR_FILES.fullmatch(entry.name):
+            return False
+        if entry.suffix == ".dcm" and not derived_by_us(entry):
+            return False
+    return True
+
+
+def _png(sr_hu: np.ndarray, window: Window) -> bytes:
+    from PIL import Image
+
+    unit = window.to_unit(sr_hu.astype(np.float32))
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(unit * 255).astype(np.uint8), "L").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array.astype(np.float32))
+    atomic_write_bytes(path, buffer.getvalue())

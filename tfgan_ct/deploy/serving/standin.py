@@ -1,0 +1,220 @@
+"""A STAND-IN for TensorFlow Serving's REST API, for tests and demos only.
+
+TensorFlow Serving cannot run everywhere (no registry package, Docker may be
+missing), so this small HTTP server answers the same REST requests
+(`GET /v1/models/<name>`, `POST /v1/models/<name>[/versions/<n>]:predict` in
+the columnar and row formats, errors as {"error": ...}) from the newest
+export of every stage, loaded with plain `tf.saved_model.load`. It is not TF
+Serving: no gRPC, batching, warm-up, version policy beyond "newest", hot
+reload or monitoring. Deploy with the official `tensorflow/serving` image
+(tools/serving/README.md).
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+from tfgan_ct.deploy.layout import exported_stages
+from tfgan_ct.deploy.serving.errors import no_export_error
+
+
+@dataclass
+class LoadedModel:
+    """One stage's newest export, loaded with plain TensorFlow."""
+
+    name: str
+    version: int
+    path: Path
+    signatures: dict          # signature name -> concrete function
+    module: object            # the loaded SavedModel (keeps the variables alive)
+
+
+def load_models(models_dir: str | Path) -> dict[str, LoadedModel]:
+    """{stage: LoadedModel} for the newest version of every exported stage under `models_dir`."""
+    import tensorflow as tf
+
+    stages = exported_stages(models_dir)
+    if not stages:
+        raise no_export_error(models_dir)
+    loaded = {}
+    for stage, available in stages.items():
+        path = Path(models_dir) / stage / str(available[-1])
+        module = tf.saved_model.load(str(path))
+        loaded[stage] = LoadedModel(stage, available[-1], path, dict(module.signatures), module)
+    return loaded
+
+
+class RequestError(Exception):
+    """A request the stand-in refuses; becomes {"error": message} with `status`."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+_ROUTE = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(?::(predict))?")
+
+
+def run_predict(model: LoadedModel, body: dict) -> dict:
+    """Answer one REST predict body ({"signature_name", "inputs" | "instances"}) like TF Serving.
+
+    Columnar "inputs" -> {"outputs": value}; row "instances" -> {"predictions": [per instance]}.
+    A signature with one input accepts the value unnamed; one output is returned unnamed.
+    """
+    import tensorflow as tf
+
+    if not isinstance(body, dict):
+        raise RequestError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
+    name = body.get("signature_name", "serving_default")
+    function = model.signatures.get(name)
+    if function is None:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f'Serving signature name: "{name}" not found in signature def '
+                                                   f"(available: {', '.join(sorted(model.signatures))})")
+    specs = function.structured_input_signature[1]            # {input name: TensorSpec}
+    if ("inputs" in body) == ("instances" in body):
+        raise RequestError(HTTPStatus.BAD_REQUEST, 'request must have exactly one of "inputs" or "instances"')
+    if "inputs" in body:                                    # columnar: {name: value} or a lone value
+        values = body["inputs"]
+        if not isinstance(values, dict) and len(specs) == 1:
+            values = {next(iter(specs)): values}
+    else:                                                   # row: [{name: value}, ...] or [value, ...]
+        rows = body["instances"]
+        if not isinstance(rows, list) or not rows:
+            raise RequestError(HTTPStatus.BAD_REQUEST, '"instances" must be a non-empty list')
+        if all(isinstance(row, dict) for row in rows):
+            values = {key: [row.get(key) for row in rows] for key in specs}
+        else:
+            values = {next(iter(specs)): rows} if len(specs) == 1 else None
+    if not isinstance(values, dict) or set(values) != set(specs):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"signature {name!r} takes inputs {sorted(specs)}")
+    tensors = {}
+    for key, spec in specs.items():
+        try:
+            array = np.asarray(values[key], spec.dtype.as_numpy_dtype)
+        except (TypeError, ValueError) as exc:
+            raise RequestError(HTTPStatus.BAD_REQUEST,
+                               f"input {key!r}: not a {spec.dtype.name} array ({exc})") from None
+        if not spec.shape.is_compatible_with(array.shape):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"input {key!r}: shape {list(array.shape)} does not match "
+                                                       f"{spec.shape.as_list()} (None = any)")
+        tensors[key] = tf.constant(array)
+    try:
+        outputs = {k: v.numpy() for k, v in function(**tensors).items()}
+    except (tf.errors.OpError, ValueError, TypeError) as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"running {name!r}: {str(exc).splitlines()[0]}") from None
+    if "inputs" in body:
+        return {"outputs": next(iter(outputs.values())).tolist() if len(outputs) == 1
+                else {k: v.tolist() for k, v in outputs.items()}}
+    if len(outputs) == 1:
+        return {"predictions": next(iter(outputs.values())).tolist()}
+    batch = len(next(iter(outputs.values())))
+    return {"predictions": [{k: v[i].tolist() for k, v in outputs.items()} for i in range(batch)]}
+
+
+def version_status(model: LoadedModel) -> dict:
+    """TF Serving's GetModelStatus answer for the one loaded version."""
+    return {"model_version_status": [{"version": str(model.version), "state": "AVAILABLE",
+                                      "status": {"error_code": "OK", "error_message": ""}}]}
+
+
+class _StandinHandler(BaseHTTPRequestHandler):
+    """HTTP routing of the stand-in: GET status, POST predict; errors as {"error": ...}."""
+
+    server_version = "tfgan-ct-standin"
+    max_body = 1 << 30   # bytes
+
+    def do_GET(self):  # noqa: N802 (http.server naming)
+        def handle(model, predict):
+            if predict:
+                raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, "predict needs POST")
+            return version_status(model)
+        self._answer(handle)
+
+    def do_POST(self):  # noqa: N802
+        def handle(model, predict):
+            if not predict:
+                raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, "POST is for <model>:predict")
+            length = int(self.headers.get("Content-Length") or 0)
+            if not 0 < length <= self.max_body:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"request body of {length} bytes")
+            try:
+                body = json.loads(self.rfile.read(length))
+            except ValueError as exc:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"JSON Parse error: {exc}") from None
+            return run_predict(model, body)
+        self._answer(handle)
+
+    def _answer(self, handle):
+        try:
+            route = _ROUTE.fullmatch(self.path.split("?")[0])
+            if not route:
+                raise RequestError(HTTPStatus.NOT_FOUND, f"Malformed request: {self.command} {self.path}")
+            name, version, predict = route.groups()
+            model = self.server.models.get(name)
+            if model is None or (version is not None and int(version) != model.version):
+                request = f"Specific({name}, {version})" if version else f"Latest({name})"
+                raise RequestError(HTTPStatus.NOT_FOUND, f"Servable not found for request: {request}")
+            status, answer = HTTPStatus.OK, handle(model, predict)
+        except RequestError as exc:
+            status, answer = exc.status, {"error": str(exc)}
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format, *args):  # noqa: A002 (http.server signature)
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+
+class StandinServer(ThreadingHTTPServer):
+    """STAND-IN for TensorFlow Serving's REST API (tests and demos only; see the module docstring)."""
+
+    daemon_threads = True
+
+    def __init__(self, models: dict[str, LoadedModel], host: str, port: int, quiet: bool):
+        super().__init__((host, port), _StandinHandler)
+        self.models, self.quiet = models, quiet
+
+    @property
+    def url(self) -> str:
+        """http://host:port of the bound socket (the real port when 0 was asked for)."""
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+def make_standin(models_dir: str | Path, host: str = "127.0.0.1", port: int = 8501,
+                 quiet: bool = True) -> StandinServer:
+    """Load every stage's newest export and bind the stand-in (port 0: any free port).
+
+    The caller runs `serve_forever()` (e.g. in a thread), then `shutdown()` and `server_close()`.
+    """
+    return StandinServer(load_models(models_dir), host, port, quiet)
+
+
+def start_standin(models_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> StandinServer:
+    """`make_standin` serving from a daemon thread; returns the server (see its `url`)."""
+    server = make_standin(models_dir, host, port)
+    threading.Thread(target=server.serve_forever, name="tfgan-ct-standin", daemon=True).start()
+    return server
+
+
+def serve(server: StandinServer, announce) -> None:
+    """Announce `server` with `announce(line)`, serve until interrupted (Ctrl-C), then close it."""
+    models = ", ".join(f"{m.name} v{m.version}" for m in server.models.values())
+    announce(f"stand-in for TensorFlow Serving (tests and demos only) at {server.url}: {models}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
