@@ -199,7 +199,7 @@ class InProcess:
 
 
 # One BLAS/OpenMP thread per worker: the pool already uses every core, and
-# oversubscribed BLAS threads made conversion four times slower.
+# oversubscribed BLAS threads slow conversion down (see docs/benchmarks.md).
 _WORKER_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 # glibc malloc: keep freed memory in the heap for the next slice's arrays instead of
 # returning it to the system and faulting fresh zeroed pages in again.

@@ -203,7 +203,16 @@ def list_images(inputs: Iterable[str | Path]) -> tuple[list[ImageFile], int]:
     for item in inputs:
         if not item.exists():
             raise FileNotFoundError(f"{item}: no such file or folder")
-    keys: dict[Path, tuple[str, str, str]] = {}  # resolved file -> (key, root name, path as given)
+    found, others = _found_images(inputs)
+    final = _unique_keys(found)
+    files = [ImageFile(found[r][2], final[r]) for r in sorted(final, key=lambda r: final[r])]
+    return files, others
+
+
+def _found_images(inputs: list[Path]) -> tuple[dict[Path, tuple[str, str, str]], int]:
+    """Every image file under `inputs` once, resolved -> (key, root folder name, path as
+    given), and the number of other files in the folders."""
+    keys: dict[Path, tuple[str, str, str]] = {}
     others: set[Path] = set()
     for item in inputs:
         if item.is_dir():
@@ -220,23 +229,28 @@ def list_images(inputs: Iterable[str | Path]) -> tuple[list[ImageFile], int]:
             resolved = path.resolve()
             if resolved not in keys or _preferred(entry, keys[resolved]):
                 keys[resolved] = entry
+    return keys, len(others)
+
+
+def _unique_keys(found: dict[Path, tuple[str, str, str]]) -> dict[Path, str]:
+    """Final key of each file: its key, prefixed by its root folder name where keys collide;
+    ConvertError when two files still get the same key."""
     by_key: dict[str, list[Path]] = {}
-    for resolved, (key, _, _) in keys.items():
+    for resolved, (key, _, _) in found.items():
         by_key.setdefault(key, []).append(resolved)
     final: dict[Path, str] = {}
     for key, group in by_key.items():
         for resolved in group:
-            final[resolved] = key if len(group) == 1 else f"{keys[resolved][1]}/{key}"
+            final[resolved] = key if len(group) == 1 else f"{found[resolved][1]}/{key}"
     owner: dict[str, Path] = {}
-    for resolved in sorted(final, key=lambda r: (final[r], keys[r][2])):
+    for resolved in sorted(final, key=lambda r: (final[r], found[r][2])):
         key = final[resolved]
         if key in owner:
-            raise ConvertError(f"two input files get the same key {key!r}: {keys[owner[key]][2]} and "
-                               f"{keys[resolved][2]}; give their folders different names or pass a "
+            raise ConvertError(f"two input files get the same key {key!r}: {found[owner[key]][2]} and "
+                               f"{found[resolved][2]}; give their folders different names or pass a "
                                "common parent folder")
         owner[key] = resolved
-    files = [ImageFile(keys[r][2], final[r]) for r in sorted(final, key=lambda r: final[r])]
-    return files, len(others)
+    return final
 
 
 def _preferred(new: tuple[str, str, str], old: tuple[str, str, str]) -> bool:

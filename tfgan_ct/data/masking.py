@@ -8,9 +8,8 @@ Structuring elements are diamonds (city-block balls) of the given radius,
 applied as repeated 3x3-cross steps with array shifts; for radius 1 and 2
 these are exactly the digital disks. Connectivity is 4-neighbour throughout.
 The work is done on the bounding box of the thresholded pixels, and after the
-largest component is found, on that component's bounding box, which keeps a
-512x512 slice at a few milliseconds (SciPy's generic binary morphology takes
-ten times longer).
+largest component is found, on that component's bounding box (timings in
+docs/benchmarks.md).
 """
 from __future__ import annotations
 

@@ -9,11 +9,9 @@ the order comes from seeded shuffles and a deterministic interleave, and each
 patch's transform is a keyed hash of its position in the stream, so
 `train_dataset(..., seed=s, start=n)` yields exactly what the stream with seed
 `s` yields after its first `n` patches (how a resumed run continues its input
-where the checkpoint left it). Records are parsed a whole batch at a time, which
-is several times faster than parsing them one by one, and the flips and the
-windowing of a batch run as one XLA-compiled function: fused into a single
-pass over the pixels they cost a fifth of what the separate TensorFlow ops did,
-which left parsing (`parse_example` + `decode_raw`) as the main cost.
+where the checkpoint left it). Records are parsed a whole batch at a time, and
+the flips and the windowing of a batch run as one XLA-compiled function (timings
+in docs/benchmarks.md).
 
 Evaluation slices (`eval_dataset`): one whole slice per element, with its
 mask and the record's pseudonymous identifiers for per-slice reports.
@@ -166,19 +164,7 @@ def train_dataset(data_dir: str | Path, modality: str, cfg: Config,
     if input_context is not None:
         batch = input_context.get_per_replica_batch_size(batch)
         workers, worker = input_context.num_input_pipelines, input_context.input_pipeline_id
-    by_file = len(files) >= workers
-    if workers > 1 and not by_file:
-        log.warning("%d shard file(s) for %d workers: each worker reads all of them and keeps "
-                    "every %d-th record", len(files), workers, workers)
-    ds = tf.data.Dataset.from_tensor_slices(files)
-    if workers > 1 and by_file:
-        ds = ds.shard(workers, worker)
-    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cfg.data.cycle_length, len(files)),
-                       num_parallel_calls=AUTOTUNE, deterministic=seed is not None)
-    if workers > 1 and not by_file:
-        ds = ds.shard(workers, worker)
-    ds = ds.shuffle(cfg.data.shuffle_buffer, seed=seed)
+    ds = _shuffled_records(files, cfg, seed, workers, worker)
     if start:
         ds = ds.skip(start)
     ds = ds.batch(batch, drop_remainder=True).enumerate()
@@ -199,6 +185,26 @@ def train_dataset(data_dir: str | Path, modality: str, cfg: Config,
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def _shuffled_records(files: list[str], cfg: Config, seed: int | None, workers: int,
+                      worker: int) -> tf.data.Dataset:
+    """Serialised records of this `worker`'s part of `files`, endless: shard files shuffled
+    and interleaved, then the records shuffled. With fewer files than `workers`, every
+    worker reads all files and keeps every `workers`-th record."""
+    by_file = len(files) >= workers
+    if workers > 1 and not by_file:
+        log.warning("%d shard file(s) for %d workers: each worker reads all of them and keeps "
+                    "every %d-th record", len(files), workers, workers)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if workers > 1 and by_file:
+        ds = ds.shard(workers, worker)
+    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(cfg.data.cycle_length, len(files)),
+                       num_parallel_calls=AUTOTUNE, deterministic=seed is not None)
+    if workers > 1 and not by_file:
+        ds = ds.shard(workers, worker)
+    return ds.shuffle(cfg.data.shuffle_buffer, seed=seed)
 
 
 def patches_per_step(workers: int, global_batch: int) -> int:

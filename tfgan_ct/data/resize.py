@@ -19,13 +19,10 @@ Algorithm (per image dimension, following MATLAB's ``contributions``):
 * MATLAB resizes the dimension with the smaller scale first (height first
   for equal scales); this module does the same.
 
-The per-dimension weights are assembled into ``(out_len, in_len)`` matrices
-(cached), so a resize is two matrix products ``W_h @ image @ W_w.T`` per
-channel (``W_h`` sparse, ``W_w.T`` dense, so that no transposed copies are
-needed). :func:`downscale` by an integer factor, the conversion's hot path,
-uses that every output pixel has the same taps (shifted by the factor): it
-pads the image symmetrically and applies the one kernel row as a small dense
-product over a strided view, several times faster, with the same weights.
+Each dimension is one ``(out_len, in_len)`` weight matrix (cached), so a resize is
+``W_h @ image @ W_w.T``; :func:`downscale` by an integer factor, the conversion's
+hot path, applies the one kernel row over a strided view of the symmetrically
+padded image instead, with the same weights.
 
 Values are processed in float64 with no rounding or clipping, so the
 functions work on Hounsfield units or ``[0, 1]`` intensities alike. Callers

@@ -23,9 +23,8 @@ One record is a training patch or a whole validation/test slice:
 Pixels outside the brain mask hold the modality window's floor.
 
 Format versions (the manifest's `format_version`): 1 stored the mask as one
-byte per pixel; 2 packs it into bits, which takes a training patch record
-from 52 KB to 38 KB, the largest part of the input pipeline's cost being
-bytes read and checksummed. Readers accept both.
+byte per pixel; 2 packs it into bits (smaller records, so less to read and
+checksum; see docs/benchmarks.md). Readers accept both.
 """
 from __future__ import annotations
 
