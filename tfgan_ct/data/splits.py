@@ -13,6 +13,8 @@ import hmac
 from fractions import Fraction
 from pathlib import Path
 
+from tfgan_ct.config_checks import parse_ratio  # also splits.parse_ratio: the ratio `convert.split` reads
+
 SPLITS = ("train", "validation", "test")
 _ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
             "valid": "validation", "test": "test", "testing": "test"}
@@ -26,19 +28,6 @@ def salted_hash(value: str, salt: str) -> str:
     """
     return hmac.new(salt.encode("utf-8", "surrogateescape"), value.encode("utf-8", "surrogateescape"),
                     hashlib.sha256).hexdigest()[:16]
-
-
-def parse_ratio(text: str) -> tuple[Fraction, Fraction, Fraction]:
-    """'4:2:3' or '0.6:0.2:0.2' as three fractions summing to 1."""
-    parts = text.split(":")
-    try:
-        values = [Fraction(p.strip()) for p in parts]
-    except (ValueError, ZeroDivisionError):
-        values = []
-    if len(values) != 3 or any(v < 0 for v in values) or sum(values) == 0:
-        raise ValueError(f"split {text!r}: expected train:validation:test, e.g. 4:2:3 or 0.6:0.2:0.2")
-    total = sum(values)
-    return tuple(v / total for v in values)  # type: ignore[return-value]
 
 
 def apportion(n: int, ratio: tuple[Fraction, ...]) -> list[int]:
