@@ -69,8 +69,8 @@ def main(argv=None) -> None:
 
     import tensorflow as tf
 
-    from tfgan_ct.data import pipeline
     from tfgan_ct.config import load_config
+    from tfgan_ct.data import pipeline
     from tfgan_ct.data.convert import convert
     from tfgan_ct.demo.phantom import make_dataset
 
@@ -89,8 +89,10 @@ def main(argv=None) -> None:
             base, base_cpu = rate(raw, args.seconds / 2)
             full, full_cpu = rate(pipeline.train_dataset(tmp / "data", modality, cfg), args.seconds)
             seeded, seeded_cpu = rate(pipeline.train_dataset(tmp / "data", modality, cfg, seed=0), args.seconds)
-            skip = skip_rate(lambda start: pipeline.train_dataset(tmp / "data", modality, cfg, seed=0, start=start),
-                             args.skip)
+            def resumed(start, modality=modality):
+                return pipeline.train_dataset(tmp / "data", modality, cfg, seed=0, start=start)
+
+            skip = skip_rate(resumed, args.skip)
             print(f"{modality}: raw TFRecord read {base:7.0f} records/s ({base_cpu:5.1f} us CPU each) | "
                   f"train_dataset {full:7.0f} patches/s ({full_cpu:5.1f} us CPU each), ratio {full / base:.2f} | "
                   f"seeded (as training runs it) {seeded:7.0f} patches/s ({seeded_cpu:5.1f} us CPU each), "
