@@ -7,7 +7,6 @@ be used becomes a `Skipped` line with a stable reason code (`REASONS`).
 """
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from tfgan_ct.errors import TfganError
-
-log = logging.getLogger("tfgan_ct.data.dicom_files")
 
 _DEFER = 4096  # header pass: values this large (pixel data) are left on disk, unread
 
@@ -286,6 +283,9 @@ def _shape_text(ds: pydicom.Dataset) -> str:
             f"{int(ds.get('BitsAllocated', 16)) // 8} byte(s)")
 
 
+# ---------------------------------------------------------------- header values
+
+
 def int_value(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> int:
     """Integer value of `keyword`, `default` if the tag is absent.
 
@@ -305,10 +305,8 @@ def int_value(ds: pydicom.Dataset, keyword: str, default: int | None = None) -> 
         raise ValueError(f"{keyword} is not a number ({value!r})") from None
 
 
-# ---------------------------------------------------------------- header values
-
-
 def first_item(ds, keyword):
+    """The first item of sequence `keyword` (e.g. SharedFunctionalGroupsSequence), or None."""
     seq = ds.get(keyword)
     return seq[0] if seq else None
 
@@ -323,13 +321,12 @@ def lookup(ds, group, shared, sequence: str, keyword: str):
     return ds.get(keyword)
 
 
-
 def float_value(value) -> float | None:
+    """`value` as a float; None when it is absent, empty or not a number."""
     try:
         return None if value in (None, "") else float(value)
     except (TypeError, ValueError):
         return None
-
 
 
 def relpath(path: str) -> str:
