@@ -47,8 +47,15 @@ def export_stage(generator: keras.Model, discriminator: keras.Model, models_dir:
         stage_dir.mkdir(parents=True, exist_ok=True)
         fileio.remove_stale_staging(stage_dir)
         staging = fileio.make_staging(stage_dir, "export")
-        return _write_version(float32_copy(generator), discriminator, stage_dir, staging, stage, window,
-                              scale, metadata)
+        generator = float32_copy(generator)
+        _write_saved_model(generator, discriminator, staging / "model", window)
+        write_warmup(staging / "model", model_name=stage)
+        info = {**metadata, "stage": stage, "version": None, "scale": scale, "window": window.as_dict(),
+                "signatures": {"serving_default": "lr [b,h,w,1] in [0,1] -> sr [b,4h,4w,1]",
+                               "hu": "lr_hu [b,h,w,1] HU -> sr_hu [b,4h,4w,1] HU"},
+                "variable_paths": {"generator": [v.path for v in generator.variables],
+                                   "discriminator": [v.path for v in discriminator.variables]}}
+        return _publish(staging / "model", stage_dir, info)
     except ExportError:
         raise
     except Exception as exc:
@@ -68,29 +75,22 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _write_version(generator: keras.Model, discriminator: keras.Model, stage_dir: Path, staging: Path,
-                   stage: str, window: Window, scale: int, metadata: dict) -> Path:
-    """Write the SavedModel in `staging/model`, then rename it to the next free version in `stage_dir`."""
-    _write_saved_model(generator, discriminator, staging / "model", window)
-    write_warmup(staging / "model", model_name=stage)
+def _publish(model: Path, stage_dir: Path, info: dict) -> Path:
+    """Write the metadata `info` into the SavedModel folder `model`, with the next free version of
+    `stage_dir`, and rename the folder to that version; returns its new path."""
     for _ in range(RENAME_ATTEMPTS):
         version = next_version(stage_dir)
-        info = {**metadata, "stage": stage, "version": version, "scale": scale,
-                "window": window.as_dict(),
-                "signatures": {"serving_default": "lr [b,h,w,1] in [0,1] -> sr [b,4h,4w,1]",
-                               "hu": "lr_hu [b,h,w,1] HU -> sr_hu [b,4h,4w,1] HU"},
-                "variable_paths": {"generator": [v.path for v in generator.variables],
-                                   "discriminator": [v.path for v in discriminator.variables]}}
-        (staging / "model" / METADATA).write_text(json.dumps(info, indent=2) + "\n")
+        info["version"] = version
+        (model / METADATA).write_text(json.dumps(info, indent=2) + "\n")
         target = stage_dir / str(version)
         try:
-            os.rename(staging / "model", target)
+            os.rename(model, target)
             return target
         except OSError:
             if not os.path.lexists(target):
                 raise
             # another export took this version number meanwhile; take the next
-    raise ExportError(f"cannot export {stage}: {target} already exists ({RENAME_ATTEMPTS} version "
+    raise ExportError(f"cannot export {info['stage']}: {target} already exists ({RENAME_ATTEMPTS} version "
                       f"numbers tried); move away the integer-named entries in {stage_dir} that are "
                       f"not complete exports, and check that no other export writes there")
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tfgan_ct.config import Window
+from tfgan_ct.config import ConvertSettings, Window
 from tfgan_ct.data import dicom_io, resize
 from tfgan_ct.deploy import inference
 from tfgan_ct.deploy.derived_dicom import SeriesUids, derived_by_us, write_dicom
 from tfgan_ct.fileio import atomic_write_bytes, atomic_write_text, staged_directory
 
-log = logging.getLogger("tfgan_ct.deploy.upscale")
+log = logging.getLogger("tfgan_ct.deploy.upscale")  # one logger for the whole command
 
 FORMATS = ("dicom", "png", "npy")
 _OUR_FILES = re.compile(r"IM\d{5}\.(?:dcm|png)|sr_hu\.npy|slices\.json")
@@ -68,7 +68,7 @@ class UpscaleOptions:
     tile_pad: int = 16              # LR pixels of context around each tile
     fmt: str = "dicom"              # one of FORMATS
     overwrite: bool = False         # replace series folders upscale wrote
-    out_of_field_hu: float = -1000.0    # HU of pixels outside the scanner's field of view
+    out_of_field_hu: float = ConvertSettings.out_of_field_hu    # stored values at or below: outside the scan
 
 
 @dataclass
@@ -114,31 +114,19 @@ def fill_series(frames: list[dicom_io.Frame], final: Path, run: Run, uids: Serie
     Raises SeriesFailed (nothing kept) when no image could be upscaled or, for npy, sizes differ;
     an OSError (e.g. a full disk) after the staging folder is removed.
     """
-    options, summary = run.options, run.summary
-    fmt = options.fmt
+    fmt = run.options.fmt
     if fmt == "npy":
         _check_one_size(frames)
     stack, slices, left_out, written = [], [], [], 0
     with staged_directory(final, overwrite=True) as stage:
         for index, frame in enumerate(frames, start=1):
             run.bar.update()
-            try:
-                hu, path = _read_frame(frame, options.out_of_field_hu)
-            except _Unreadable as exc:
-                for item in exc.args[0]:
-                    skip(summary, item)
-                left_out.append(_slice_record(index, frame, reason=exc.args[0][0].reason))
-                continue
-            try:
-                sr_hu = checked_super_resolve(hu, options)
-                if fmt == "dicom":
-                    write_dicom(path, sr_hu, stage / f"IM{index:05d}.dcm", uids, options.method, options.window)
-            except ValueError as exc:
-                skip(summary, dicom_io.skipped(path, exc))
-                left_out.append(_slice_record(index, frame, reason=str(exc)))
+            sr_hu, reason = _upscale_frame(index, frame, stage, run, uids)
+            if sr_hu is None:
+                left_out.append(_slice_record(index, frame, reason=reason))
                 continue
             if fmt == "png":
-                atomic_write_bytes(stage / f"IM{index:05d}.png", _png(sr_hu, options.window))
+                atomic_write_bytes(stage / f"IM{index:05d}.png", _png(sr_hu, run.options.window))
             elif fmt == "npy":
                 if stack and sr_hu.shape != stack[0].shape:
                     raise SeriesFailed(_sizes_message([*(a.shape for a in stack), sr_hu.shape], scaled=True))
@@ -155,6 +143,27 @@ def fill_series(frames: list[dicom_io.Frame], final: Path, run: Run, uids: Serie
                 {"array": "sr_hu.npy", "shape": [len(stack), *stack[0].shape], "slices": slices,
                  "left_out": left_out}, indent=1) + "\n")
     return written
+
+
+def _upscale_frame(index: int, frame: dicom_io.Frame, stage: Path, run: Run,
+                   uids: SeriesUids) -> tuple[np.ndarray | None, str | None]:
+    """(HU [4h, 4w], None) for the source image number `index` of the series (its DICOM written to
+    `stage` for --format dicom), or (None, why) when it is skipped (reported in `run.summary`)."""
+    options = run.options
+    try:
+        hu, path = _read_frame(frame, options.out_of_field_hu)
+    except _Unreadable as exc:
+        for item in exc.args[0]:
+            skip(run.summary, item)
+        return None, exc.args[0][0].reason
+    try:
+        sr_hu = checked_super_resolve(hu, options)
+        if options.fmt == "dicom":
+            write_dicom(path, sr_hu, stage / f"IM{index:05d}.dcm", uids, options.method, options.window)
+    except ValueError as exc:
+        skip(run.summary, dicom_io.skipped(path, exc))
+        return None, str(exc)
+    return sr_hu, None
 
 
 def checked_super_resolve(hu: np.ndarray, options: UpscaleOptions) -> np.ndarray:

@@ -78,20 +78,7 @@ def run_predict(model: LoadedModel, body: dict) -> dict:
         raise RequestError(HTTPStatus.BAD_REQUEST, f'Serving signature name: "{name}" not found in signature def '
                                                    f"(available: {', '.join(sorted(model.signatures))})")
     specs = function.structured_input_signature[1]            # {input name: TensorSpec}
-    if ("inputs" in body) == ("instances" in body):
-        raise RequestError(HTTPStatus.BAD_REQUEST, 'request must have exactly one of "inputs" or "instances"')
-    if "inputs" in body:                                    # columnar: {name: value} or a lone value
-        values = body["inputs"]
-        if not isinstance(values, dict) and len(specs) == 1:
-            values = {next(iter(specs)): values}
-    else:                                                   # row: [{name: value}, ...] or [value, ...]
-        rows = body["instances"]
-        if not isinstance(rows, list) or not rows:
-            raise RequestError(HTTPStatus.BAD_REQUEST, '"instances" must be a non-empty list')
-        if all(isinstance(row, dict) for row in rows):
-            values = {key: [row.get(key) for row in rows] for key in specs}
-        else:
-            values = {next(iter(specs)): rows} if len(specs) == 1 else None
+    values = _request_values(body, specs)
     if not isinstance(values, dict) or set(values) != set(specs):
         raise RequestError(HTTPStatus.BAD_REQUEST, f"signature {name!r} takes inputs {sorted(specs)}")
     tensors = {}
@@ -109,7 +96,29 @@ def run_predict(model: LoadedModel, body: dict) -> dict:
         outputs = {k: v.numpy() for k, v in function(**tensors).items()}
     except (tf.errors.OpError, ValueError, TypeError) as exc:
         raise RequestError(HTTPStatus.BAD_REQUEST, f"running {name!r}: {str(exc).splitlines()[0]}") from None
-    if "inputs" in body:
+    return _answer(outputs, columnar="inputs" in body)
+
+
+def _request_values(body: dict, specs: dict):
+    """{input name: value} of a request body, columnar ("inputs") or row ("instances"); None or
+    another mapping when it does not name the inputs of `specs` (the caller says so)."""
+    if ("inputs" in body) == ("instances" in body):
+        raise RequestError(HTTPStatus.BAD_REQUEST, 'request must have exactly one of "inputs" or "instances"')
+    if "inputs" in body:                                    # columnar: {name: value} or a lone value
+        values = body["inputs"]
+        return {next(iter(specs)): values} if not isinstance(values, dict) and len(specs) == 1 else values
+    rows = body["instances"]                                # row: [{name: value}, ...] or [value, ...]
+    if not isinstance(rows, list) or not rows:
+        raise RequestError(HTTPStatus.BAD_REQUEST, '"instances" must be a non-empty list')
+    if all(isinstance(row, dict) for row in rows):
+        return {key: [row.get(key) for row in rows] for key in specs}
+    return {next(iter(specs)): rows} if len(specs) == 1 else None
+
+
+def _answer(outputs: dict, columnar: bool) -> dict:
+    """TF Serving's answer for `outputs` {name: array [b, ...]}: {"outputs": ...} to a columnar
+    request, {"predictions": [per instance]} to a row request; one output is given unnamed."""
+    if columnar:
         return {"outputs": next(iter(outputs.values())).tolist() if len(outputs) == 1
                 else {k: v.tolist() for k, v in outputs.items()}}
     if len(outputs) == 1:
