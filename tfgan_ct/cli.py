@@ -382,7 +382,11 @@ def serve() -> None:
               help="Model path prefix as the server sees it, e.g. /models (default: absolute local path).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write here instead of printing.")
 def serve_config(models_dir, base_path, out):
-    """Print or write models.config for TensorFlow Serving: one model per exported stage."""
+    """Print or write models.config (one model per exported stage).
+
+    The file TensorFlow Serving reads with --model_config_file; each stage is
+    served at its newest version. TensorFlow is not loaded.
+    """
     from tfgan_ct.deploy.serving.artefacts import models_config, write_models_config
 
     if out:
@@ -398,7 +402,12 @@ def serve_config(models_dir, base_path, out):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=8501, show_default=True, help="Port to listen on (0: any free one).")
 def serve_standin(models_dir, host, port):
-    """STAND-IN REST server for tests and demos (not TensorFlow Serving: no gRPC, batching or reload)."""
+    """Run a local STAND-IN REST server (tests and demos only).
+
+    Answers TensorFlow Serving's REST requests from the newest export of each
+    stage. It is not TensorFlow Serving: no gRPC, batching, warm-up, version
+    policies or hot reload; deploy with the tensorflow/serving image.
+    """
     from tfgan_ct.deploy.serving import standin
 
     standin.serve(standin.make_standin(models_dir, host, port, quiet=False), click.echo)
