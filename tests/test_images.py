@@ -294,6 +294,7 @@ def natural_run(tmp_path_factory):
     return tiny, natural, models, runs
 
 
+@pytest.mark.slow
 def test_natural_dataset_reads_and_the_stage_trains_and_exports(natural_run):
     tiny, natural, models, _ = natural_run
     cfg = load_config(tiny)
@@ -307,6 +308,7 @@ def test_natural_dataset_reads_and_the_stage_trains_and_exports(natural_run):
     assert meta["parent"] is None and meta["window"] == {"center": 500.0, "width": 1000.0}
 
 
+@pytest.mark.slow
 def test_ncct_default_warm_start_is_the_natural_export(natural_run, converted):
     from tfgan_ct.training.train import train_stage
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pydicom
+import pytest
 from click.testing import CliRunner
 
 from tfgan_ct.cli import main
@@ -12,6 +13,7 @@ FEW_STEPS = ["train.l1_phase.steps=3", "train.l1_phase.milestones=[]", "train.ga
              "train.gan_phase.milestones=[]", "train.log_every=1"]
 
 
+@pytest.mark.slow
 def test_quickstart_makes_every_result(tmp_path):
     out = tmp_path / "qs"
     args = ["quickstart", "--out", str(out), "--patients", "3", "--no-progress"]

@@ -176,6 +176,7 @@ def test_write_warmup_sizes_and_replaces_atomically(tmp_path):
 
 # --------------------------------------------------------------------------- SavedModel CLI
 
+@pytest.mark.slow
 def test_saved_model_cli_runs_serving_default(models_dir, tmp_path):
     # TF 2.21's --input_exprs only takes Python literals (no np.zeros(...)), so the input goes in a .npy.
     x = np.random.default_rng(0).random((1, 8, 8, 1)).astype(np.float32)
@@ -250,6 +251,7 @@ def test_errors_name_the_url_and_the_problem(standin, monkeypatch):
         serving.predict(down, "ncct", x)
 
 
+@pytest.mark.slow
 def test_standin_command_line(models_dir):
     """`tfgan-ct serve standin` prints its URL, answers, and stops on SIGTERM."""
     process = subprocess.Popen([sys.executable, "-m", "tfgan_ct.cli", "serve", "standin", "--models-dir",

@@ -373,6 +373,7 @@ def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(converted, tiny_co
                                        err_msg=f"{name} after resuming at step {step}")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_message(converted, tiny_config, tmp_path, monkeypatch):
     from tfgan_ct.training import train as train_mod
 
@@ -391,6 +392,7 @@ def test_non_finite_loss_stops_with_a_clear_message(converted, tiny_config, tmp_
     assert not (tmp_path / "models/ncct").exists() or not export.versions(tmp_path / "models/ncct")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_steps(policy):
     keras.mixed_precision.set_global_policy(policy)
