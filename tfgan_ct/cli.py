@@ -429,7 +429,8 @@ def bundled_config(name: str) -> Path:
 @click.option("--out", default="quickstart", show_default=True, type=click.Path(file_okay=False),
               help="Folder for everything the quickstart makes.")
 @click.option("--patients", type=int, default=6, show_default=True, help="Synthetic patients (split 4:1:1).")
-@click.option("--overwrite", is_flag=True, help="Empty --out first if it holds an earlier quickstart (other folders are refused).")
+@click.option("--overwrite", is_flag=True,
+              help="Empty --out first if it holds an earlier quickstart (other folders are refused).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML configuration (default: configs/quickstart.yaml).")

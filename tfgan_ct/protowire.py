@@ -1,7 +1,7 @@
 """The protobuf wire format, for the few messages the package writes by hand.
 
 TFRecord examples (`data.shards`) and TensorFlow Serving warm-up requests
-(`deploy.serving`) are written as bytes directly, so that neither needs
+(`deploy.serving.artefacts`) are written as bytes directly, so that neither needs
 TensorFlow's protobuf classes: a varint and a length-delimited field suffice.
 """
 from __future__ import annotations
