@@ -277,12 +277,13 @@ from tfgan_ct.training.distribute import worker_position
 cfg = load_config(sys.argv[2])
 workers, worker = worker_position(strategy)
 assert (workers, worker) == (2, int(sys.argv[3])), (workers, worker)
-for modality in ("ncct", "cta"):  # 2 shard files (split by file), 1 file (split by record)
-    n_files = len(pipeline.shard_files(sys.argv[1], "train", modality))
+# ncct in 2 shard files (split by file), cta in 1 file (split by record)
+for modality, data_dir in (("ncct", sys.argv[4]), ("cta", sys.argv[1])):
+    n_files = len(pipeline.shard_files(data_dir, "train", modality))
     per_step = pipeline.patches_per_step(2, cfg.data.batch_size)
 
     def steps(start, n):
-        ds = pipeline.train_dataset(sys.argv[1], modality, cfg, seed=5, start=start, workers=2, worker=worker)
+        ds = pipeline.train_dataset(data_dir, modality, cfg, seed=5, start=start, workers=2, worker=worker)
         it = iter(strategy.experimental_distribute_dataset(ds))
         return [strategy.experimental_local_results(next(it))[0]["hr"].numpy() for _ in range(n)]
 
@@ -296,12 +297,20 @@ for modality in ("ncct", "cta"):  # 2 shard files (split by file), 1 file (split
 
 
 @pytest.mark.slow
-def test_multi_worker_input_streams_continue_where_they_stopped(converted, tmp_path):
+def test_multi_worker_input_streams_continue_where_they_stopped(converted, phantom_dir, tmp_path):
     """Under MultiWorkerMirroredStrategy, skipping `patches_per_step` per step continues each worker's stream."""
-    out, _ = converted
+    from click.testing import CliRunner
+
+    from tfgan_ct.cli import main
+
+    out, _ = converted  # one training shard file per modality
+    small_shards = tmp_path / "small-shards"  # the phantom's 16 NCCT training patches in two files
+    result = CliRunner().invoke(main, ["convert", str(phantom_dir), "--out", str(small_shards), "--config",
+                                       str(SMALL_CONFIG), "--set", "convert.shard_size=8", "--no-progress"])
+    assert result.exit_code == 0, result.output
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     procs = [subprocess.Popen(
-        [sys.executable, "-c", STREAM_CHECK, str(out), str(SMALL_CONFIG), str(i)],
+        [sys.executable, "-c", STREAM_CHECK, str(out), str(SMALL_CONFIG), str(i), str(small_shards)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
              "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})})
