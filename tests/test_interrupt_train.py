@@ -15,6 +15,7 @@ import tensorflow as tf
 import yaml
 
 from tfgan_ct.deploy import export
+
 from helpers import SMALL_CONFIG
 from test_train import TINY
 

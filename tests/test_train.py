@@ -25,6 +25,7 @@ from tfgan_ct.model.gan import TransferGAN
 from tfgan_ct.model.generator import build_generator
 from tfgan_ct.model.vgg import build_feature_extractor
 from tfgan_ct.training.train import TrainingError, train_stage
+
 from helpers import REPO, SMALL_CONFIG
 
 TINY = {
@@ -436,6 +437,7 @@ def test_warm_start_from_a_damaged_export_is_one_line(converted, tiny_config, ti
     from click.testing import CliRunner
 
     from tfgan_ct.cli import main
+
     from test_export import DAMAGE_MESSAGES, damaged_copy
 
     out, _ = converted
