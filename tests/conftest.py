@@ -98,18 +98,27 @@ def pytest_report_header(config):
     return f"sample data: {SHARED}{found}"
 
 
+_LEFT_OUT: list = []
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Mark the tests of the real sample files `samples`; without the files, deselect them.
 
-    Without the files they cannot run at all: they are left out (and counted as deselected,
-    the header says why) rather than skipped, so that a skip always means something to look at.
+    Without the files they cannot run at all: they are left out (counted as deselected, and
+    the summary says why) rather than skipped, so that a skip always means something to look at.
     """
     for item in items:
         if _needs_samples(item):
             item.add_marker(pytest.mark.samples)
     if not SHARED.is_dir():
-        left_out = [item for item in items if _needs_samples(item)]
-        if left_out:
-            config.hook.pytest_deselected(items=left_out)
+        _LEFT_OUT[:] = [item for item in items if _needs_samples(item)]
+        if _LEFT_OUT:
+            config.hook.pytest_deselected(items=list(_LEFT_OUT))
             items[:] = [item for item in items if not _needs_samples(item)]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _LEFT_OUT:
+        terminalreporter.write_line(f"sample data not found at {SHARED}: {len(_LEFT_OUT)} test(s) of the real "
+                                    f"sample files deselected (they run where ../shared/data is)")
