@@ -24,8 +24,9 @@ from pydicom.encaps import encapsulate
 from pydicom.tag import Tag
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from tfgan_ct.data import dicom_io
 from tfgan_ct.cli import main
+from tfgan_ct.data import dicom_io
+
 from helpers import SHARED, SMALL_CONFIG
 
 NON_UTF8 = b"caf\xe9"  # a folder name that is not valid UTF-8 (Latin-1 "café")

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
+from test_train import TINY
 
 from tfgan_ct.deploy import export
 
 from helpers import SMALL_CONFIG
-from test_train import TINY
 
 STEPS = 30  # L1 only: the GAN step would add seconds of tracing to every process
 

@@ -1,7 +1,7 @@
 import numpy as np
 
-from tfgan_ct.data import dicom_io
 from tfgan_ct.config import MaskSettings
+from tfgan_ct.data import dicom_io
 from tfgan_ct.data.masking import apply_mask, brain_mask, largest_component
 
 

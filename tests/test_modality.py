@@ -1,8 +1,8 @@
 import pydicom
 import pytest
 
-from tfgan_ct.data import convert, dicom_io, modality
 from tfgan_ct.config import ModalityRules
+from tfgan_ct.data import convert, dicom_io, modality
 from tfgan_ct.data.dicom_io import Frame
 
 LEGACY = "dicom/legacy/DICOMSamples_CT_Implicit_Little_Headless_Retired.dcm"

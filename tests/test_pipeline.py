@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfgan_ct.data import pipeline, resize
 from tfgan_ct.config import Window
+from tfgan_ct.data import pipeline, resize
 from tfgan_ct.data.shards import decode_numpy, read_records
 
 
@@ -67,8 +67,8 @@ def test_augmentation_keeps_lr_hr_aligned():
     lr_a, hr_a = pipeline.augment(tf.constant(lr), tf.constant(hr), seed=3)
     lr_a, hr_a = lr_a.numpy(), hr_a.numpy()
     changed = 0
-    for l, h, h0 in zip(lr_a, hr_a, hr):
-        np.testing.assert_allclose(l[..., 0], resize.downscale(h[..., 0], 4), atol=1e-5)
+    for low, h, h0 in zip(lr_a, hr_a, hr):
+        np.testing.assert_allclose(low[..., 0], resize.downscale(h[..., 0], 4), atol=1e-5)
         changed += not np.array_equal(h, h0)
     assert changed > 32  # 7 of 8 transforms change the patch
 

@@ -435,10 +435,9 @@ def test_bad_vgg_weights_stop_before_a_run_folder_is_made(converted, tiny_config
 @pytest.mark.parametrize("damage", ["truncated-variables", "binary-metadata", "metadata-array"])
 def test_warm_start_from_a_damaged_export_is_one_line(converted, tiny_config, tiny_export, tmp_path, damage):
     from click.testing import CliRunner
+    from test_export import DAMAGE_MESSAGES, damaged_copy
 
     from tfgan_ct.cli import main
-
-    from test_export import DAMAGE_MESSAGES, damaged_copy
 
     out, _ = converted
     bad = damaged_copy(tiny_export / "ncct/1", tmp_path / "parent", damage)

@@ -39,8 +39,9 @@ def setup_logging(verbosity: int) -> None:
 
 def config_options(fn):
     """--config FILE and --set key=value, shared by every command."""
-    @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-                  help="YAML configuration (default: the paper's settings).")
+    @click.option("--config", "config_file", metavar="FILE|NAME",
+                  help="YAML configuration, or a bundled one by name: paper, small, quickstart "
+                       "(default: the paper's settings).")
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override one setting, e.g. --set convert.patch_size=64 (repeatable).")
     @functools.wraps(fn)
@@ -103,6 +104,15 @@ def _split_options(cfg, split: str | None, seed: int | None) -> None:
     cfg.validate()  # a ConfigError names --split's key and value
 
 
+def _conversion_options(fn):
+    """--workers, --overwrite and --no-progress, shared by the two convert commands."""
+    fn = click.option("--no-progress", is_flag=True, help="No progress bars.")(fn)
+    fn = click.option("--overwrite", is_flag=True, help="Replace an existing dataset made by tfgan-ct "
+                      "(never a folder holding an input or other files).")(fn)
+    return click.option("--workers", type=click.IntRange(min=1), default=None,
+                        help="Worker processes (default: all cores).")(fn)
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
@@ -113,10 +123,7 @@ def _split_options(cfg, split: str | None, seed: int | None) -> None:
 @click.option("--split-csv", type=click.Path(exists=True, dir_okay=False),
               help="CSV with columns patient,split (patient = DICOM PatientID) instead of --split.")
 @click.option("--seed", type=int, default=None, help="Seed of the patient split (config default 0).")
-@click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an existing dataset made by tfgan-ct (never a folder holding an input or other files).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_conversion_options
 @config_options
 def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, no_progress, cfg):
     """Convert DICOM files, folders and DICOMDIRs into TFRecord shards.
@@ -144,10 +151,7 @@ def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, n
               help="CSV with columns patient,split (patient = image path relative to its input "
                    "folder, e.g. train/0001.png) instead of --split.")
 @click.option("--seed", type=int, default=None, help="Seed of the image split (config default 0).")
-@click.option("--workers", type=int, default=None, help="Worker processes (default: all cores).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace an existing dataset made by tfgan-ct (never a folder holding an input or other files).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_conversion_options
 @config_options
 def convert_images(inputs, out, split, split_csv, seed, workers, overwrite, no_progress, cfg):
     """Convert folders of PNG/JPEG/BMP/TIFF images into shards for the natural stage.
@@ -188,7 +192,8 @@ def train(stage, data_dir, warm_start, models_dir, runs_dir, gpus, restart, cfg)
     Several GPUs are used with MirroredStrategy; several machines with
     MultiWorkerMirroredStrategy when TF_CONFIG names several workers.
     """
-    from tfgan_ct.training.train import choose_strategy, train_stage
+    from tfgan_ct.training.distribute import choose_strategy
+    from tfgan_ct.training.train import train_stage
 
     result = train_stage(stage, data_dir, cfg, warm_start=warm_start, models_dir=models_dir,
                          runs_dir=runs_dir, strategy=choose_strategy(gpus), restart=restart)
@@ -413,18 +418,6 @@ def serve_standin(models_dir, host, port):
     standin.serve(standin.make_standin(models_dir, host, port, quiet=False), click.echo)
 
 
-def bundled_config(name: str) -> Path:
-    """`configs/<name>` of this checkout, else the copy installed with the package."""
-    checkout = Path(__file__).resolve().parents[1] / "configs" / name
-    if checkout.is_file():
-        return checkout
-    import importlib.resources
-
-    return Path(str(importlib.resources.files("tfgan_ct.configs") / name))
-
-
-
-
 @main.command()
 @click.option("--out", default="quickstart", show_default=True, type=click.Path(file_okay=False),
               help="Folder for everything the quickstart makes.")
@@ -432,8 +425,8 @@ def bundled_config(name: str) -> Path:
 @click.option("--overwrite", is_flag=True,
               help="Empty --out first if it holds an earlier quickstart (other folders are refused).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="YAML configuration (default: configs/quickstart.yaml).")
+@click.option("--config", "config_file", metavar="FILE|NAME", default=None,
+              help="YAML configuration, or a bundled one by name (default: the bundled quickstart).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one setting.")
 def quickstart(out, patients, overwrite, no_progress, config_file, overrides):
     """The whole chain on built-in data: phantom + sample photographs -> natural -> NCCT -> CTP -> CTA.
@@ -442,15 +435,10 @@ def quickstart(out, patients, overwrite, no_progress, config_file, overrides):
     configuration, evaluates against bicubic and Scratch, draws a figure and
     upscales a DICOM series; a few minutes on two CPU cores, no network.
     """
-    from tfgan_ct.config import load_config
+    from tfgan_ct.config import bundled_config, load_config
     from tfgan_ct.demo.quickstart import run, summary_lines
 
-    if config_file is None:
-        config_file = bundled_config("quickstart.yaml")
-        if not config_file.is_file():
-            raise click.ClickException(f"{config_file} not found (an incomplete installation?); "
-                                       f"pass --config FILE")
-    cfg = load_config(config_file, overrides)
+    cfg = load_config(config_file or bundled_config("quickstart"), overrides)
     result = run(out, cfg, patients=patients, overwrite=overwrite, progress=not no_progress)
     click.echo("\n".join(summary_lines(result)))
 

@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-
 TERMINAL_ONLY = {"terminal_only": True}  # `extra=` of a log call whose line names an input file
 
 

@@ -35,8 +35,8 @@ DEFAULT_TILE, DEFAULT_PAD = 256, 16  # the `tfgan-ct upscale` defaults
 def export_paper_generator(folder: Path) -> Path:
     """Export the paper generator (random weights) under `folder`; returns the version folder."""
     from tfgan_ct.config import Window
-    from tfgan_ct.model.discriminator import build_discriminator
     from tfgan_ct.deploy.export import export_stage
+    from tfgan_ct.model.discriminator import build_discriminator
     from tfgan_ct.model.generator import build_generator
 
     return export_stage(build_generator(), build_discriminator(128), folder, "ncct", Window(40, 80), 4, {})
@@ -77,8 +77,8 @@ def main(argv=None) -> None:
 
     import numpy as np
 
-    from tfgan_ct.model.generator import flops_per_lr_pixel
     from tfgan_ct.deploy.inference import saved_model, tiles
+    from tfgan_ct.model.generator import flops_per_lr_pixel
 
     tf_peak, np_peak = matmul_peak(), numpy_matmul_peak()
     peak = max(tf_peak, np_peak)

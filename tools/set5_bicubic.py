@@ -31,8 +31,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tfgan_ct.evaluation.metrics import psnr, rgb_to_y, shave, ssim  # noqa: E402
 from tfgan_ct.data.resize import downscale, imresize_uint8, upscale  # noqa: E402
+from tfgan_ct.evaluation.metrics import psnr, rgb_to_y, shave, ssim  # noqa: E402
 
 SCALE = 4
 PUBLISHED_PSNR = 28.42

@@ -63,10 +63,10 @@ def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwr
         progress: bool = True) -> QuickstartResult:
     """Run every step; returns the paths of the results and the measured tables."""
     from tfgan_ct.data import convert, images
-    from tfgan_ct.evaluation import evaluate
-    from tfgan_ct.deploy import inference, upscale
     from tfgan_ct.demo import phantom
     from tfgan_ct.demo.sample_images import write_sample_images
+    from tfgan_ct.deploy import inference, upscale
+    from tfgan_ct.evaluation import evaluate
     from tfgan_ct.evaluation.compare import compare, save_png
     from tfgan_ct.fileio import atomic_write_text
     from tfgan_ct.logs import log_to_file
