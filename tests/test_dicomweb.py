@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import http.server
 import logging
+import threading
 import time
 
 import numpy as np
@@ -153,3 +155,112 @@ def test_server_down_gives_pacs_error_after_bounded_retries(monkeypatch):
 def test_retry_policy_backoff_is_bounded():
     policy = RetryPolicy(attempts=6, first_delay=0.5, max_delay=3.0)
     assert [policy.delay(i) for i in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def test_unknown_series_is_an_error_without_retries(orthanc, creds):
+    waits = []
+    pacs = DicomWebPacs(orthanc.dicomweb, creds, retry=FAST, sleep=waits.append)
+    with pytest.raises(PacsError, match=r"retrieving a series failed: HTTP 404$"):
+        pacs.retrieve_series("1.2.3", "4.5.6")
+    assert waits == []
+
+
+def test_dicomweb_delete_not_allowed_says_so(orthanc, creds):
+    pacs = DicomWebPacs(orthanc.dicomweb, creds, retry=FAST)
+    with pytest.raises(PacsError, match="does not allow DELETE over DICOMweb"):
+        pacs.delete_series("1.2.3", "4.5.6")
+
+
+def test_delete_series_through_orthanc_rest(orthanc, creds, phantom_series):
+    pacs = DicomWebPacs(orthanc.dicomweb, creds, retry=FAST, orthanc_rest=orthanc.url)
+    cta = phantom_series["cta"]
+    copy = [pydicom.Dataset(ds) for ds in cta]
+    series_uid = pydicom.uid.generate_uid()
+    for ds in copy:
+        ds.file_meta = cta[0].file_meta
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    pacs.store(copy)
+    assert len(pacs.instances(cta[0].StudyInstanceUID, series_uid)) == len(copy)
+    assert pacs.delete_series(cta[0].StudyInstanceUID, series_uid) is True
+    assert pacs.instances(cta[0].StudyInstanceUID, series_uid) == []
+    assert pacs.delete_series(cta[0].StudyInstanceUID, series_uid) is False
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """Answers 503 to the first `failures` requests, then an empty QIDO result."""
+
+    failures = 0
+    seen = 0
+
+    def do_GET(self):  # noqa: N802 (the http.server name)
+        type(self).seen += 1
+        if type(self).seen <= type(self).failures:
+            self.send_response(503)
+            self.end_headers()
+            return
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky_server():
+    """A local HTTP server that fails with 503 a set number of times: (URL, handler class)."""
+    handler = type("Flaky", (_Flaky,), {"failures": 0, "seen": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_5xx_is_retried_then_succeeds(flaky_server, caplog):
+    url, handler = flaky_server
+    handler.failures = 2
+    waits = []
+    pacs = DicomWebPacs(url, retry=FAST, sleep=waits.append)
+    with caplog.at_level(logging.WARNING):
+        assert pacs.search_ct_series() == []
+    assert handler.seen == 3 and len(waits) == 2
+    assert "HTTP 503" in caplog.text
+
+
+def test_5xx_every_time_gives_pacs_error(flaky_server):
+    url, handler = flaky_server
+    handler.failures = 100
+    pacs = DicomWebPacs(url, retry=FAST, sleep=lambda s: None)
+    with pytest.raises(PacsError, match=r"searching CT series failed after 3 attempts: HTTP 503$"):
+        pacs.search_ct_series()
+    assert handler.seen == 3
+
+
+def test_orthanc_restarting_mid_run_is_ridden_out(tmp_path, monkeypatch):
+    if orthanc_server.executable() is None:
+        pytest.skip(orthanc_server.INSTALL_HINT)
+    monkeypatch.setenv("PACS_USER", orthanc_server.USER)
+    monkeypatch.setenv("PACS_PASSWORD", orthanc_server.PASSWORD)
+    creds = Credentials(user_env="PACS_USER", password_env="PACS_PASSWORD")
+    with orthanc_server.running_orthanc(tmp_path / "o") as first:
+        pacs = DicomWebPacs(first.dicomweb, creds, retry=RetryPolicy(attempts=10, first_delay=0.1, max_delay=0.5))
+        assert pacs.search_ct_series() == []
+        port = int(first.url.rsplit(":", 1)[1])
+        first.process.kill()  # killed, as by a crash or the OOM killer
+        first.process.wait()
+    # The server is down now; it comes back on the same port while the client is retrying.
+    results = []
+    thread = threading.Thread(target=lambda: results.append(pacs.search_ct_series()))
+    thread.start()
+    time.sleep(0.3)
+    with orthanc_server.running_orthanc(tmp_path / "o", port=port):
+        thread.join(timeout=15)
+    assert results == [[]]

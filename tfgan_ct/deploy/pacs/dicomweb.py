@@ -145,11 +145,12 @@ class DicomWebPacs:
 
     `credentials` names the environment variables to read; `verify` is the TLS check
     (True, False or a CA bundle path); `retry` bounds the retries; `timeout` is per
-    request, in seconds.
+    request, in seconds. `orthanc_rest` is the server's Orthanc REST root, for
+    `delete_series` on an Orthanc (its DICOMweb plugin does not implement DELETE).
     """
 
     def __init__(self, url: str, credentials: Credentials | None = None, *, verify: bool | str = True,
-                 retry: RetryPolicy | None = None, timeout: float = 30.0,
+                 retry: RetryPolicy | None = None, timeout: float = 30.0, orthanc_rest: str | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -157,10 +158,12 @@ class DicomWebPacs:
         if parts.username or parts.password:
             raise PacsError("the DICOMweb URL must not hold credentials: pass them through environment variables")
         self.url = url.rstrip("/")
+        self.orthanc_rest = orthanc_rest.rstrip("/") if orthanc_rest else None
+        self._timeout = timeout
         self.credentials = credentials or Credentials()
         self.retry = retry or RetryPolicy()
         self._sleep = sleep
-        session = requests.Session()
+        self._session = session = requests.Session()
         session.verify = verify
         self.credentials.apply(session)
         self._client = DICOMwebClient(self.url, session=session, timeout=timeout)
@@ -224,6 +227,35 @@ class DicomWebPacs:
             raise PacsError(f"PACS {self.url}: storing a series: the server refused {failed} "
                             f"of {len(datasets)} instances")
         return len(datasets)
+
+    def delete_series(self, study: str, series: str) -> bool:
+        """Delete one series (to take back a partly stored one); returns False when it was not there.
+
+        Uses DICOMweb DELETE, or Orthanc's REST API when `orthanc_rest` is set.
+        """
+        if self.orthanc_rest is None:
+            def delete_dicomweb() -> bool:
+                try:
+                    self._client.delete_series(study, series)
+                except requests.HTTPError as exc:
+                    if _status(exc) == 404:
+                        return False
+                    if _status(exc) in (405, 501):
+                        raise PacsError(f"PACS {self.url}: deleting a series: the server does not allow "
+                                        f"DELETE over DICOMweb (for Orthanc, give its REST URL)") from None
+                    raise
+                return True
+            return self._call("deleting a series", delete_dicomweb)
+        return self._call("deleting a series", lambda: self._delete_orthanc(series))
+
+    def _delete_orthanc(self, series: str) -> bool:
+        """Orthanc REST: look the series UID up, then DELETE /series/{id}."""
+        found = self._session.post(f"{self.orthanc_rest}/tools/lookup", data=series, timeout=self._timeout)
+        found.raise_for_status()
+        paths = [hit["Path"] for hit in found.json() if hit.get("Type") == "Series"]
+        for path in paths:
+            self._session.delete(f"{self.orthanc_rest}{path}", timeout=self._timeout).raise_for_status()
+        return bool(paths)
 
 
 def _int(value) -> int | None:
