@@ -8,7 +8,6 @@ import threading
 import time
 
 import numpy as np
-import orthanc_server
 import pydicom
 import pytest
 
@@ -19,6 +18,8 @@ from tfgan_ct.deploy.pacs.dicomweb import (
     PacsError,
     RetryPolicy,
 )
+
+import orthanc_server
 
 FAST = RetryPolicy(attempts=3, first_delay=0.01, max_delay=0.05)
 
