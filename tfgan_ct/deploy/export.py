@@ -26,6 +26,7 @@ import tensorflow as tf
 from tfgan_ct import fileio
 from tfgan_ct.config import Window
 from tfgan_ct.deploy.layout import METADATA, ExportError, next_version, read_metadata, resolve, versions  # noqa: F401 - re-exported: export.resolve, export.versions
+from tfgan_ct.deploy.model_card import write_model_card
 from tfgan_ct.deploy.serving.artefacts import write_warmup
 
 log = logging.getLogger("tfgan_ct.deploy.export")
@@ -76,12 +77,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _publish(model: Path, stage_dir: Path, info: dict) -> Path:
-    """Write the metadata `info` into the SavedModel folder `model`, with the next free version of
-    `stage_dir`, and rename the folder to that version; returns its new path."""
+    """Write the metadata `info` and the model card into the SavedModel folder `model`, with the next
+    free version of `stage_dir`, and rename the folder to that version; returns its new path."""
     for _ in range(RENAME_ATTEMPTS):
         version = next_version(stage_dir)
         info["version"] = version
         (model / METADATA).write_text(json.dumps(info, indent=2) + "\n")
+        write_model_card(model, info)           # MODEL_CARD.md, renamed with the rest
         target = stage_dir / str(version)
         try:
             os.rename(model, target)
