@@ -4,6 +4,7 @@
         saved_model.pb, variables/      plain-TensorFlow SavedModel
         assets.extra/                   TF Serving warm-up requests
         tfgan_ct.json                   metadata (METADATA): stage, parent, window, scale, ...
+        MODEL_CARD.md                   intended use, training data, limits (deploy.model_card)
 
 A version counts once its folder holds a saved_model.pb. Writing models.config,
 resolving a model spec and reading metadata need only these rules, so they
