@@ -703,3 +703,17 @@ def test_skipped_images_carry_a_reason_code(shared_data, cfg, tmp_path):
     [item] = summary.skipped
     assert Path(item.path).name == series[0].name and item.code == "non-finite-hu"
     assert item.code in {**dicom_io.REASONS, **series_output.REASONS}
+
+
+def test_derived_series_are_never_sources(phantom_dir, cfg, tmp_path):
+    """An output folder inside the inputs (or an earlier output given as input) is not
+    upscaled again: each of its images is a named skip, the source series is done once."""
+    source_dir = phantom_dir / "patient00" / "01_ncct"
+    first = upscale.upscale([source_dir], tmp_path / "sr", inference.bicubic(), cfg, window=WIDE, progress=False)
+    derived = dicoms(tmp_path / "sr")
+    assert len(derived) == first.images > 0
+    again = upscale.upscale([source_dir, tmp_path / "sr"], tmp_path / "sr2", inference.bicubic(), cfg,
+                            window=WIDE, progress=False)
+    assert len(again.series) == 1 and again.images == first.images
+    assert sorted(s.path for s in again.skipped) == sorted(str(p) for p in derived)
+    assert {s.code for s in again.skipped} == {"own-output"}

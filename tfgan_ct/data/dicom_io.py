@@ -70,6 +70,7 @@ class Frame:
     contrast_agent: str
     duplicates: list[str] = field(default_factory=list)  # other files holding the same image
     layout: PixelLayout | None = None  # where `path` holds the pixels, if uncompressed
+    derivation: str = ""            # DerivationDescription (how a derived image was made)
 
 
 
@@ -128,6 +129,7 @@ def _frames_from_header(path: Path, ds: pydicom.Dataset) -> list[Frame]:
             slice_thickness=float_value(lookup(ds, group, shared, "PixelMeasuresSequence", "SliceThickness")),
             description=description,
             contrast_agent=str(ds.get("ContrastBolusAgent", "") or "").strip().upper(),
+            derivation=str(ds.get("DerivationDescription", "") or ""),
         ))
     return frames
 

@@ -330,5 +330,9 @@ def derived_by_us(path: Path) -> bool:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["DerivationDescription"])
     except Exception:  # noqa: BLE001 - anything unreadable is not ours
         return False
-    text = str(ds.get("DerivationDescription", "") or "")
+    return is_our_derivation(str(ds.get("DerivationDescription", "") or ""))
+
+
+def is_our_derivation(text: str) -> bool:
+    """Whether a DerivationDescription is the one `upscale` writes."""
     return text.startswith(DERIVATION) and " by tfgan-ct " in text

@@ -42,6 +42,7 @@ REASONS = {
     "model-output": "the model's output is not finite (NaN or infinite)",
     "multi-frame-output": "a multi-frame image cannot be written back as DICOM yet",
     "write-failed": "the derived DICOM cannot be written or does not read back",
+    "own-output": "an image tfgan-ct upscale made (derived series are never sources)",
 }
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tfgan_ct.config import Config, Window
 from tfgan_ct.data import dicom_io
 from tfgan_ct.deploy import inference
-from tfgan_ct.deploy.derived_dicom import SeriesUids
+from tfgan_ct.deploy.derived_dicom import SeriesUids, is_our_derivation
 from tfgan_ct.deploy.series_output import (
     FORMATS,
     Run,
@@ -158,6 +158,9 @@ def _find_series(inputs, summary: Summary) -> tuple[dict[tuple[str, str], list[d
         result = dicom_io.frames_of(path)
         if isinstance(result, dicom_io.Skipped):
             skip(summary, result)
+        elif is_our_derivation(result[0].derivation):
+            skip(summary, dicom_io.Skipped(str(path), "made by tfgan-ct upscale; a derived series is never "
+                                           "upscaled again", "own-output"))
         else:
             frames.extend(result)
     groups: dict[tuple[str, str], list[dicom_io.Frame]] = defaultdict(list)
