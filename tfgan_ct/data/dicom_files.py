@@ -223,7 +223,7 @@ def check_usable(ds: pydicom.Dataset, path: Path) -> None:
     stored = int_value(ds, "BitsStored", bits)
     if not 1 <= stored <= bits:
         raise Unusable("bad-header", f"BitsStored {stored} with BitsAllocated {bits}")
-    _check_pixel_length(ds, path, frames * rows * columns * bits // 8)
+    _check_pixel_length(ds, path, (frames, rows, columns, bits // 8))
 
 
 def frame_count(ds: pydicom.Dataset) -> int:
@@ -240,11 +240,15 @@ def frame_count(ds: pydicom.Dataset) -> int:
     return frames
 
 
-def _check_pixel_length(ds: pydicom.Dataset, path: Path, expected: int) -> None:
-    """Compare the claimed size of the pixels (`expected` bytes, uncompressed) with what
-    the file holds: native pixel data must hold `expected` bytes (not cut short, and
-    not a whole frame more, e.g. 16-bit data under BitsAllocated 8); compressed data
-    needs at least one 8-byte item per frame."""
+def _check_pixel_length(ds: pydicom.Dataset, path: Path, shape: tuple[int, int, int, int]) -> None:
+    """Compare the claimed size of the pixels (`shape`: frames, rows, columns, bytes per
+    value, as the header says) with what the file holds: native pixel data must hold
+    that many bytes (not cut short, and not a whole frame more, e.g. 16-bit data under
+    BitsAllocated 8); compressed data needs at least one 8-byte item per frame."""
+    frames, rows, columns, itemsize = shape
+    frame_bytes = rows * columns * itemsize
+    expected = frames * frame_bytes
+    claim = f"{frames} frame(s) x {rows} x {columns} x {itemsize} byte(s) = {expected} bytes"
     elem = ds.get_item(0x7FE00010, keep_deferred=True)
     if isinstance(elem, RawDataElement) and elem.value is not None:
         length = elem.length if elem.length == 0xFFFFFFFF else len(elem.value)
@@ -265,22 +269,13 @@ def _check_pixel_length(ds: pydicom.Dataset, path: Path, expected: int) -> None:
             size = path.stat().st_size
         except OSError:
             return
-        frames = frame_count(ds)
         if frames * 8 > size:
             raise Unusable("size-mismatch", f"{frames} frames claimed in a file of {size} bytes")
         return
     if length < expected:
-        raise Unusable("truncated", f"pixel data truncated ({length} bytes, the header claims "
-                                    f"{_shape_text(ds)} = {expected} bytes)")
-    frame_bytes = expected // frame_count(ds)
+        raise Unusable("truncated", f"pixel data truncated ({length} bytes, the header claims {claim})")
     if length - expected >= frame_bytes:
-        raise Unusable("size-mismatch", f"pixel data holds {length} bytes, the header claims "
-                                        f"{_shape_text(ds)} = {expected} bytes")
-
-
-def _shape_text(ds: pydicom.Dataset) -> str:
-    return (f"{frame_count(ds)} frame(s) x {ds.get('Rows')} x {ds.get('Columns')} x "
-            f"{int(ds.get('BitsAllocated', 16)) // 8} byte(s)")
+        raise Unusable("size-mismatch", f"pixel data holds {length} bytes, the header claims {claim}")
 
 
 # ---------------------------------------------------------------- header values
