@@ -120,10 +120,11 @@ def make_corpus(phantom_dir: Path, root: Path) -> tuple[dict[str, set[str]], int
     (bad / "cut-in-pixels.dcm").write_bytes(raw[:len(raw) - 5000])
     (bad / "DICOMDIR").write_bytes(b"DICM" * 40)
     os.symlink(bad / "no-such-file.dcm", bad / "dangling.dcm")
+    os.mkfifo(bad / "pipe.dcm")  # reading it would block for ever
     expected.update({"empty.dcm": {"not-dicom"}, "notes.dcm": {"not-dicom"},
                      "cut-in-header.dcm": {"not-dicom", "corrupt-header", "bad-header", "not-ct", "no-pixels"},
                      "cut-in-pixels.dcm": {"truncated"}, "DICOMDIR": {"bad-dicomdir"},
-                     "dangling.dcm": {"dangling-link"}})
+                     "dangling.dcm": {"dangling-link"}, "pipe.dcm": {"not-a-file"}})
     if shutil.which("dcmdjpeg") is None:  # without DCMTK a retired JPEG file is a named skip
         expected["retired-jpeg.dcm"] = {"retired-jpeg"}
     if SHARED.is_dir():
@@ -248,6 +249,12 @@ def test_no_dcmdjpeg_names_the_retired_syntax_and_the_tool(phantom_dir, tmp_path
     with pytest.raises(dicom_io.Unusable, match=r"1\.2\.840\.10008\.1\.2\.4\.53.*dcmdjpeg") as info:
         dicom_io.read_hu(str(path), [0], -1500)
     assert info.value.code == "retired-jpeg"
+
+
+def test_a_device_given_as_input_is_a_named_skip_not_a_hang():
+    skipped = []
+    assert list(dicom_io.iter_files(["/dev/zero"], skipped)) == []
+    assert [(item.path, item.code) for item in skipped] == [("/dev/zero", "not-a-file")]
 
 
 def test_unreadable_subfolder_is_a_named_skip(phantom_dir, tmp_path):

@@ -54,6 +54,7 @@ REASONS = {
     "corrupt-header": "the DICOM header cannot be parsed",
     "bad-dicomdir": "a DICOMDIR that cannot be read",
     "dangling-link": "a symbolic link to nothing",
+    "not-a-file": "a device, pipe or socket, not a file",
     "not-ct": "not a CT image",
     "no-pixels": "no pixel data",
     "not-grey": "not a grey-scale image",
@@ -108,13 +109,10 @@ def iter_files(inputs: Iterable[str | Path], skipped: list[Skipped] | None = Non
         item = Path(item)
         if item.is_dir():
             candidates = _walk(item, report)
-        elif item.exists():
-            candidates = [item]
-        elif item.is_symlink():
-            report(Skipped(str(item), "symbolic link to nothing", "dangling-link"))
-            continue
-        else:
+        elif not item.exists() and not item.is_symlink():
             raise FileNotFoundError(f"{item}: no such file or folder")
+        else:
+            candidates = _regular_files([item], report)
         for path in candidates:
             refs = _dicomdir_files(path, report) if path.name.upper() == "DICOMDIR" else [path]
             for ref in refs:
@@ -133,13 +131,22 @@ def _walk(folder: Path, report) -> list[Path]:
     files = []
     for root, dirs, names in os.walk(folder, onerror=unreadable):
         dirs.sort()
-        for name in names:
-            path = Path(root, name)
-            if path.is_file():
-                files.append(path)
-            elif path.is_symlink() and not path.exists():
-                report(Skipped(str(path), "symbolic link to nothing", "dangling-link"))
+        files.extend(_regular_files([Path(root, name) for name in names], report))
     return sorted(files)
+
+
+def _regular_files(paths: list[Path], report) -> list[Path]:
+    """The regular files among `paths`; links to nothing and devices, pipes or sockets
+    (reading /dev/zero or a pipe would never end) are reported instead."""
+    files = []
+    for path in paths:
+        if path.is_file():
+            files.append(path)
+        elif path.is_symlink() and not path.exists():
+            report(Skipped(str(path), "symbolic link to nothing", "dangling-link"))
+        else:
+            report(Skipped(str(path), "not a regular file (a device, pipe or socket)", "not-a-file"))
+    return files
 
 
 def _dicomdir_files(path: Path, report) -> list[Path]:
