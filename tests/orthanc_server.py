@@ -47,8 +47,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _config(folder: Path, port: int) -> dict:
+def _config(folder: Path, port: int, lua: str | None) -> dict:
+    scripts = []
+    if lua:
+        script = folder / "filter.lua"
+        script.write_text(lua)
+        scripts.append(str(script))
     return {
+        "LuaScripts": scripts,
         "Name": "tfgan-ct-tests", "HttpPort": port, "DicomServerEnabled": False, "DicomPort": free_port(),
         "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
         "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
@@ -80,10 +86,11 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_orthanc(folder: Path, port: int | None = None, timeout: float = 20.0):
+def running_orthanc(folder: Path, port: int | None = None, timeout: float = 20.0, lua: str | None = None):
     """Start Orthanc with its files under `folder`, yield an `Orthanc`, stop it afterwards.
 
-    `port` reuses a port (to restart a server on the same URL with the same storage).
+    `port` reuses a port (to restart a server on the same URL with the same storage); `lua` is a
+    Lua script for Orthanc (e.g. a `ReceivedInstanceFilter` that refuses some instances).
     """
     program = executable()
     if program is None:
@@ -91,7 +98,7 @@ def running_orthanc(folder: Path, port: int | None = None, timeout: float = 20.0
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     config = folder / "orthanc.json"
-    config.write_text(json.dumps(_config(folder, port), indent=2))
+    config.write_text(json.dumps(_config(folder, port, lua), indent=2))
     log = folder / "orthanc.log"
     with open(log, "ab") as out:
         process = subprocess.Popen([program, str(config)], stdout=out, stderr=subprocess.STDOUT)

@@ -191,8 +191,9 @@ def test_output_folders_belong_to_their_source_series(shared_data, cfg, tmp_path
     second = upscale.upscale([b.parent], out, inference.bicubic(), cfg, window=WIDE, progress=False)
     assert first.series[0] != second.series[0] and first.series[0].parent == second.series[0].parent == out
     upscale.upscale([b.parent], out, inference.bicubic(), cfg, window=WIDE, overwrite=True, progress=False)
-    folders = sorted(p for p in out.iterdir())
+    folders = sorted(p for p in out.iterdir() if p.is_dir())
     assert folders == sorted([first.series[0], second.series[0]])
+    assert sorted(p.name for p in out.iterdir() if not p.is_dir()) == [upscale.TRUST_REPORT]
     for folder, source in ((first.series[0], a), (second.series[0], b)):
         uid = pydicom.dcmread(source).SeriesInstanceUID
         assert uid not in folder.name and folder.name.endswith("_x4")
@@ -677,8 +678,8 @@ def test_killed_upscale_leaves_no_staging_after_the_next_run(phantom_dir, tiny_e
     assert "left by an interrupted run" in again.stderr
     assert not list(out.glob(".*"))
     _run(_upscale_command(source, tmp_path / "reference", tiny_export))
-    [series] = list(out.iterdir())
-    [reference] = list((tmp_path / "reference").iterdir())
+    [series] = [p for p in out.iterdir() if p.is_dir()]
+    [reference] = [p for p in (tmp_path / "reference").iterdir() if p.is_dir()]
     assert series.name == reference.name
     names = sorted(p.name for p in series.iterdir())
     assert names == sorted(p.name for p in reference.iterdir()) and len(names) == 12

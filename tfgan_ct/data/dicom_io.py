@@ -37,7 +37,8 @@ from tfgan_ct.logs import TERMINAL_ONLY
 
 # Also the names other packages read from here (files and pixels live in their own modules).
 __all__ = ["AIR_HU", "HEADER_ERRORS", "REASONS", "Frame", "PixelLayout", "Skipped", "Unusable", "frames_of",
-           "iter_files", "merge_duplicates", "position_key", "read_dataset", "read_hu", "relpath", "skipped"]
+           "frames_of_header", "iter_files", "merge_duplicates", "position_key", "read_dataset", "read_hu",
+           "relpath", "skipped"]
 
 log = logging.getLogger("tfgan_ct.data.dicom_io")
 
@@ -100,6 +101,15 @@ def frames_of(path: Path) -> list[Frame] | Skipped:
         frame.layout = layout
     return frames
 
+
+
+def frames_of_header(ds: pydicom.Dataset, name: str) -> list[Frame]:
+    """The CT frames a header describes (e.g. from a PACS's metadata), `name` standing for its file.
+
+    For rules that need headers only (`modality.classify`); the pixels are not checked (the
+    file's own read does that). Raises one of HEADER_ERRORS for a malformed header value.
+    """
+    return _frames_from_header(Path(name), ds)
 
 
 def _frames_from_header(path: Path, ds: pydicom.Dataset) -> list[Frame]:

@@ -7,9 +7,14 @@ study (a viewer or PACS files it beside the original) and gets
   centre of the new top-left pixel (the retired ACR-NEMA ImagePosition /
   ImageOrientation converted to the modern tags, never written back);
 - new Series and SOP Instance UIDs (Study and FrameOfReference UIDs generated
-  when the source has none), ImageType DERIVED\\SECONDARY and the source's
-  values 3 and on (AXIAL when it has none), a SeriesDescription and
-  DerivationDescription naming the model and version, a SourceImageSequence;
+  when the source has none; with a `SeriesUids.seed` they are derived from the
+  source's UIDs and the seed, so writing the same series again gives the same
+  UIDs and a PACS keeps one copy), ImageType DERIVED\\SECONDARY and the
+  source's values 3 and on (AXIAL when it has none), a SeriesDescription and
+  DerivationDescription naming the model, its version and its model card's
+  hash, a SourceImageSequence and a ReferencedSeriesSequence naming the source
+  series (how `tfgan-ct pacs` finds what it already made);
+- the trust figures of the image (`trust.summary_text`) in ImageComments;
 - the source's dates and times where valid DICOM, old ACR-NEMA forms
   (`1999.05.05`, `10:52:34`) rewritten, any other invalid value emptied (type
   2) or left out, never invented; missing type 2 attributes added empty;
@@ -48,6 +53,9 @@ _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
           "InstanceNumber", "SliceThickness", "KVP", "AcquisitionNumber")
 # What DerivationDescription of every DICOM upscale writes starts with; recognises our series folders.
 DERIVATION = "Super-resolved x"
+# The two kinds of derived series: the super-resolved images, and (--uncertainty) their flip spread.
+SR, SPREAD = "sr", "spread"
+_SPREAD_TEXT = "; flip spread (HU) over 8 flips/rotations"
 
 
 @dataclass
@@ -57,14 +65,42 @@ class SeriesUids:
     series: str
     frame_of_reference: str
     study: str
+    seed: str | None = None                       # set: SOP Instance UIDs derived from the source's
+    kind: str = SR                                # SR or SPREAD
     notes: set[str] = field(default_factory=set)  # geometry warnings, logged once per series
 
     @classmethod
-    def new(cls, frame: dicom_io.Frame, header: pydicom.Dataset, study_uids: dict) -> SeriesUids:
-        """Fresh UIDs for the series of `frame` (first header `header`); `study_uids` maps each
-        source study without a StudyInstanceUID to the one generated for it in this run."""
-        return cls(series=generate_uid(), frame_of_reference=generate_uid(),
-                   study=study_uids.setdefault(_study_key(frame, header), generate_uid()))
+    def new(cls, frame: dicom_io.Frame, header: pydicom.Dataset, study_uids: dict,
+            seed: str | None = None) -> SeriesUids:
+        """UIDs for the series of `frame` (first header `header`); `study_uids` maps each source
+        study without a StudyInstanceUID to the one generated for it in this run.
+
+        Without `seed` the UIDs are fresh. With one (e.g. naming the model) they are a hash of
+        the seed and the source's SeriesInstanceUID (pydicom's `generate_uid` with entropy
+        sources), so the same model writing the same series twice gives the same UIDs.
+        """
+        source = str(header.get("SeriesInstanceUID", "") or "")
+        if seed is None or not source:
+            return cls(series=generate_uid(), frame_of_reference=generate_uid(),
+                       study=study_uids.setdefault(_study_key(frame, header), generate_uid()))
+        return cls(series=_uid(seed, SR, "series", source), frame_of_reference=_uid(seed, "frame", source),
+                   study=_uid(seed, "study", source), seed=seed)
+
+    def spread(self) -> SeriesUids:
+        """The UIDs of the flip-spread series that goes with this one (same study and frame)."""
+        series = _uid(self.seed, SPREAD, self.series) if self.seed else generate_uid()
+        return SeriesUids(series, self.frame_of_reference, self.study, self.seed, SPREAD, self.notes)
+
+    def instance(self, source_sop: str, frame: int = 0) -> str:
+        """SOP Instance UID of the image derived from source image `source_sop` (frame `frame`)."""
+        if self.seed and source_sop:
+            return _uid(self.seed, self.kind, "instance", source_sop, str(frame))
+        return generate_uid()
+
+
+def _uid(*parts: str) -> str:
+    """A UID that is a hash of `parts` (pydicom's 2.25 root); nothing of the parts can be read back."""
+    return generate_uid(prefix=None, entropy_srcs=["tfgan-ct", *parts])
 
 
 def _study_key(frame: dicom_io.Frame, header: pydicom.Dataset) -> tuple:
@@ -76,27 +112,40 @@ def _study_key(frame: dicom_io.Frame, header: pydicom.Dataset) -> tuple:
 
 
 def write_dicom(source: str, sr_hu: np.ndarray, path: Path, uids: SeriesUids,
-                method: inference.Method, window: Window) -> None:
+                method: inference.Method, window: Window, comments: str | None = None) -> None:
     """One derived single-frame CT image at `path` (atomically), its header from file `source`.
 
-    sr_hu: HU [4h, 4w] (rounded and clipped to int16). Raises dicom_io.Unusable (a ValueError
-    with a reason code) for a multi-frame source or a file that cannot be written or read back;
-    a full disk raises the OSError.
+    sr_hu: HU [4h, 4w] (rounded and clipped to int16); for a SPREAD series (`uids.kind`) the
+    flip spread in HU, shown with a window of its own. `comments`: ImageComments (the trust
+    figures). Raises dicom_io.Unusable (a ValueError with a reason code) for a multi-frame source
+    or a file that cannot be written or read back; a full disk raises the OSError.
     """
     ds = dicom_io.read_dataset(source, pixels=False)
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise dicom_io.Unusable("multi-frame-output", "multi-frame (enhanced) images cannot be written "
                                                       "back as DICOM yet; use --format npy or png")
     _derive_header(ds, uids, method, window)
+    if comments:
+        ds.ImageComments = comments
     pixels = np.clip(np.rint(sr_hu), -32768, 32767).astype("<i2")
+    if uids.kind == SPREAD:
+        top = float(max(np.percentile(pixels, 99.5), 1.0))
+        window = Window(center=top / 2, width=top)
     _set_pixels(ds, pixels, window)
     _save_checked(ds, pixels, path)
+
+
+def model_text(method: inference.Method) -> str:
+    """The model as derived images name it: 'model ncct v3 (card 0123abcd...)' (card hash when known)."""
+    card = method.metadata.get("card_sha256")
+    return f"model {method.description}" + (f" (card {card})" if card else "")
 
 
 def _derive_header(ds: pydicom.Dataset, uids: SeriesUids, method: inference.Method, window: Window) -> None:
     """Turn the source header `ds` into the derived image's (see the module docstring), pixels aside."""
     scale = method.scale
     source_sop = (str(ds.get("SOPClassUID", "") or CT_IMAGE_STORAGE), str(ds.get("SOPInstanceUID", "")))
+    source_series = str(ds.get("SeriesInstanceUID", "") or "")
     for keyword in _DROP:
         if keyword in ds:
             delattr(ds, keyword)
@@ -104,22 +153,31 @@ def _derive_header(ds: pydicom.Dataset, uids: SeriesUids, method: inference.Meth
     for elem in [e for e in ds if e.tag.element == 0]:  # group lengths (ACR-NEMA): stale once edited
         del ds[elem.tag]
     ds.SOPClassUID = source_sop[0]
-    ds.SOPInstanceUID = generate_uid()
+    ds.SOPInstanceUID = uids.instance(source_sop[1])
     ds.SeriesInstanceUID = uids.series
     if not str(ds.get("StudyInstanceUID", "") or "").strip():
         ds.StudyInstanceUID = uids.study
     if not str(ds.get("FrameOfReferenceUID", "") or "").strip():
         ds.FrameOfReferenceUID = uids.frame_of_reference
-    ds.SeriesNumber = int(ds.get("SeriesNumber", 0) or 0) + 1000
+    spread = uids.kind == SPREAD
+    ds.SeriesNumber = int(ds.get("SeriesNumber", 0) or 0) + (2000 if spread else 1000)
     ds.ImageType = _image_type(ds.get("ImageType"))
-    what = f"tfgan-ct x{scale} SR {method.description}"
+    what = f"tfgan-ct x{scale} {'spread' if spread else 'SR'} {method.description}"
     ds.SeriesDescription = f"{what} {ds.get('SeriesDescription', '') or ''}".strip()[:64]
-    ds.DerivationDescription = (f"{DERIVATION}{scale} by tfgan-ct {__version__}, model "
-                                f"{method.description} (window {window.center:g}/{window.width:g} HU)")[:1024]
+    ds.DerivationDescription = (f"{DERIVATION}{scale} by tfgan-ct {__version__}, {model_text(method)} "
+                                f"(window {window.center:g}/{window.width:g} HU)"
+                                f"{_SPREAD_TEXT if spread else ''}")[:1024]
     if source_sop[1]:
         ref = pydicom.Dataset()
         ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = source_sop
         ds.SourceImageSequence = [ref]
+        if source_series:
+            series = pydicom.Dataset()
+            series.SeriesInstanceUID = source_series
+            instance = pydicom.Dataset()
+            instance.ReferencedSOPClassUID, instance.ReferencedSOPInstanceUID = source_sop
+            series.ReferencedInstanceSequence = [instance]
+            ds.ReferencedSeriesSequence = [series]
     note = _set_geometry(ds, scale)
     if note:
         uids.notes.add(note)
@@ -336,3 +394,10 @@ def derived_by_us(path: Path) -> bool:
 def is_our_derivation(text: str) -> bool:
     """Whether a DerivationDescription is the one `upscale` writes."""
     return text.startswith(DERIVATION) and " by tfgan-ct " in text
+
+
+def derivation_kind(text: str) -> str | None:
+    """SR or SPREAD for a DerivationDescription `upscale` wrote, None for any other."""
+    if not is_our_derivation(text):
+        return None
+    return SPREAD if _SPREAD_TEXT in text else SR

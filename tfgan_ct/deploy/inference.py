@@ -24,6 +24,7 @@ import numpy as np
 
 from tfgan_ct.data import resize
 from tfgan_ct.deploy.layout import METADATA, ExportError, read_metadata, resolve
+from tfgan_ct.deploy.model_card import MODEL_CARD, card_hash
 from tfgan_ct.errors import TfganError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Method:
     predict: object                      # callable(np.ndarray) -> np.ndarray
     scale: int = 4
     metadata: dict = field(default_factory=dict)
+    path: Path | None = None             # the export folder, for a method loaded from one
 
     @property
     def description(self) -> str:
@@ -92,7 +94,9 @@ def saved_model(path: str | Path, name: str | None = None) -> Method:
         return signature(lr=tf.constant(_check_batch(lr)))["sr"].numpy()
 
     predict.loaded = loaded  # keep the SavedModel object alive with the function
-    return Method(name or _default_name(path, metadata), predict, scale, metadata)
+    if (path / MODEL_CARD).is_file():
+        metadata = {**metadata, "card_sha256": card_hash(path)}  # derived images name the card
+    return Method(name or _default_name(path, metadata), predict, scale, metadata, path)
 
 
 def remote(url: str, model: str, version: int | None = None, name: str | None = None,

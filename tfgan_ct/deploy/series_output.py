@@ -6,6 +6,11 @@ ceiling take the bicubic HU (`outside="bicubic"`), or the model's output is
 kept everywhere, clipped to the window (`"clip"`). HU images are float32
 [h, w] in, [4h, 4w] out.
 
+Every image gets its trust figures (`trust.lr_consistency` inside the brain
+mask of the source, in HU): in its ImageComments for DICOM, per series in
+`Summary.trust`. With `uncertainty` a second series holds the flip spread of
+the model's output (`trust.flip_spread`, HU), eight times the inference.
+
 `--format dicom` writes IM00001.dcm ... (`derived_dicom`), `png` windowed
 8-bit PNGs, `npy` one float32 HU array sr_hu.npy [slices, 4h, 4w] with
 slices.json naming the source of each index and the images left out. A
@@ -14,6 +19,7 @@ not read back is skipped with its reason.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -24,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tfgan_ct.config import ConvertSettings, Window
-from tfgan_ct.data import dicom_io, resize
-from tfgan_ct.deploy import inference
+from tfgan_ct.config import ConvertSettings, MaskSettings, Window
+from tfgan_ct.data import dicom_io, masking, resize
+from tfgan_ct.deploy import inference, trust
 from tfgan_ct.deploy.derived_dicom import SeriesUids, derived_by_us, write_dicom
 from tfgan_ct.fileio import atomic_write_bytes, atomic_write_text, staged_directory
 
@@ -56,6 +62,8 @@ class Summary:
     existing: list[Path] = field(default_factory=list)  # series left out: output exists, no --overwrite
     failed: list[str] = field(default_factory=list)     # series left out for another reason (one line each)
     refused: list[str] = field(default_factory=list)    # --overwrite would replace what is not ours (why)
+    trust: dict[str, dict] = field(default_factory=dict)  # series folder name -> trust figures (JSON-ready)
+    spread: list[Path] = field(default_factory=list)     # flip-spread series written (--uncertainty)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,10 @@ class UpscaleOptions:
     fmt: str = "dicom"              # one of FORMATS
     overwrite: bool = False         # replace series folders upscale wrote
     out_of_field_hu: float = ConvertSettings.out_of_field_hu    # stored values at or below: outside the scan
+    mask_hu: tuple[float, float] = (0.0, 100.0)   # brain-mask HU range of the modality (trust figures)
+    mask: MaskSettings = field(default_factory=MaskSettings)
+    uncertainty: bool = False       # also write the flip-spread series (DICOM only)
+    uid_seed: str | None = None     # derived UIDs from the source's and this seed (see SeriesUids.new)
 
 
 @dataclass
@@ -112,20 +124,27 @@ def super_resolve_hu(method: inference.Method, hu: np.ndarray, window: Window, o
 def fill_series(frames: list[dicom_io.Frame], final: Path, run: Run, uids: SeriesUids) -> int:
     """Write the series' images into a staging folder that becomes `final`; the count written.
 
+    With `uncertainty` the flip-spread series goes to `spread_folder(final)` the same way, and
+    both are renamed into place together. The trust figures land in `run.summary.trust`.
     Raises SeriesFailed (nothing kept) when no image could be upscaled or, for npy, sizes differ;
-    an OSError (e.g. a full disk) after the staging folder is removed.
+    an OSError (e.g. a full disk) after the staging folders are removed.
     """
     fmt = run.options.fmt
     if fmt == "npy":
         _check_one_size(frames)
-    stack, slices, left_out, written = [], [], [], 0
-    with staged_directory(final, overwrite=True) as stage:
+    stack, slices, left_out, figures = [], [], [], []
+    with contextlib.ExitStack() as stages:
+        stage = stages.enter_context(staged_directory(final, overwrite=True))
+        spread = (stages.enter_context(staged_directory(spread_folder(final), overwrite=True))
+                  if run.options.uncertainty else None)
         for index, frame in enumerate(frames, start=1):
             run.bar.update()
-            sr_hu, reason = _upscale_frame(index, frame, stage, run, uids)
-            if sr_hu is None:
-                left_out.append(_slice_record(index, frame, reason=reason))
+            done = _upscale_frame(index, frame, _Stages(stage, spread), run, uids)
+            if isinstance(done, str):
+                left_out.append(_slice_record(index, frame, reason=done))
                 continue
+            sr_hu, consistency = done
+            figures.append({"image": index, **consistency.as_dict()})
             if fmt == "png":
                 atomic_write_bytes(stage / f"IM{index:05d}.png", _png(sr_hu, run.options.window))
             elif fmt == "npy":
@@ -133,38 +152,86 @@ def fill_series(frames: list[dicom_io.Frame], final: Path, run: Run, uids: Serie
                     raise SeriesFailed(_sizes_message([*(a.shape for a in stack), sr_hu.shape], scaled=True))
                 slices.append({"index": len(stack), **_slice_record(index, frame)})
                 stack.append(sr_hu)
-            written += 1
         for note in sorted(uids.notes):
             log.warning("%s: %s", final.name, note)
-        if not written:
+        if not figures:
             raise SeriesFailed("no image of this series could be upscaled")
         if fmt == "npy":
             _save_npy(stage / "sr_hu.npy", np.stack(stack))
             atomic_write_text(stage / "slices.json", json.dumps(
                 {"array": "sr_hu.npy", "shape": [len(stack), *stack[0].shape], "slices": slices,
                  "left_out": left_out}, indent=1) + "\n")
-    return written
+    run.summary.trust[final.name] = _series_trust(figures, left_out)
+    if spread is not None:
+        run.summary.spread.append(spread_folder(final))
+    return len(figures)
 
 
-def _upscale_frame(index: int, frame: dicom_io.Frame, stage: Path, run: Run,
-                   uids: SeriesUids) -> tuple[np.ndarray | None, str | None]:
-    """(HU [4h, 4w], None) for the source image number `index` of the series (its DICOM written to
-    `stage` for --format dicom), or (None, why) when it is skipped (reported in `run.summary`)."""
+def spread_folder(final: Path) -> Path:
+    """Where the flip-spread series of series folder `final` goes: `<final>_spread`."""
+    return final.with_name(f"{final.name}_spread")
+
+
+@dataclass(frozen=True)
+class _Stages:
+    """The staging folders of one series: its images, and the flip spread's (or None)."""
+
+    images: Path
+    spread: Path | None
+
+
+def _series_trust(figures: list[dict], left_out: list[dict]) -> dict:
+    """The JSON-ready trust figures of a series: combined and per image (HU)."""
+    parts = [trust.LrConsistency(f["mean_hu"] if f["mean_hu"] is not None else float("nan"),
+                                 f["max_hu"] if f["max_hu"] is not None else float("nan"), f["pixels"])
+             for f in figures]
+    combined = trust.combine(parts)
+    return {"images": len(figures), "left_out": len(left_out), "lr_consistency": combined.as_dict(),
+            "summary": trust.summary_text(combined), "per_image": figures}
+
+
+def _upscale_frame(index: int, frame: dicom_io.Frame, stages: _Stages, run: Run,
+                   uids: SeriesUids) -> tuple[np.ndarray, trust.LrConsistency] | str:
+    """(HU [4h, 4w], its LR consistency) for the source image number `index` of the series (its
+    DICOM, and with uncertainty its flip spread, written to the staging folders for --format
+    dicom), or why it is skipped (reported in `run.summary`)."""
     options = run.options
     try:
         hu, path = _read_frame(frame, options.out_of_field_hu)
     except _Unreadable as exc:
         for item in exc.args[0]:
             skip(run.summary, item)
-        return None, exc.args[0][0].reason
+        return exc.args[0][0].reason
     try:
         sr_hu = checked_super_resolve(hu, options)
+        consistency = image_consistency(hu, sr_hu, options)
         if options.fmt == "dicom":
-            write_dicom(path, sr_hu, stage / f"IM{index:05d}.dcm", uids, options.method, options.window)
+            name = f"IM{index:05d}.dcm"
+            write_dicom(path, sr_hu, stages.images / name, uids, options.method, options.window,
+                        comments=trust.summary_text(consistency))
+            if stages.spread is not None:
+                write_dicom(path, flip_spread_hu(hu, options), stages.spread / name, uids.spread(),
+                            options.method, options.window, comments="flip spread, HU (8 flips/rotations)")
     except ValueError as exc:
         skip(run.summary, dicom_io.skipped(path, exc))
-        return None, str(exc)
-    return sr_hu, None
+        return str(exc)
+    return sr_hu, consistency
+
+
+def image_consistency(hu: np.ndarray, sr_hu: np.ndarray, options: UpscaleOptions) -> trust.LrConsistency:
+    """LR consistency (HU) of derived image `sr_hu` [4h, 4w] against its source `hu` [h, w],
+    inside the source's brain mask, both clipped to the model's window."""
+    mask = masking.brain_mask(hu, options.mask_hu, options.mask)
+    return trust.lr_consistency(sr_hu, hu, mask, options.method.scale, options.window)
+
+
+def flip_spread_hu(hu: np.ndarray, options: UpscaleOptions) -> np.ndarray:
+    """Per-pixel spread (HU, float32 [4h, 4w]) of the model's output over the 8 flips/rotations."""
+    def predict(unit: np.ndarray) -> np.ndarray:
+        return inference.upscale_image(options.method, unit, options.tile, options.tile_pad)
+
+    spread = trust.flip_spread(predict, options.window.to_unit(hu.astype(np.float32)))
+    return trust.spread_hu(spread, options.window)
 
 
 def checked_super_resolve(hu: np.ndarray, options: UpscaleOptions) -> np.ndarray:

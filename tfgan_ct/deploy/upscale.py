@@ -16,6 +16,7 @@ whose `--out` holds an input replaces nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections import defaultdict
@@ -37,15 +38,21 @@ from tfgan_ct.deploy.series_output import (
     fill_series,
     is_our_series,
     skip,
+    spread_folder,
     super_resolve_hu,
 )
 from tfgan_ct.errors import TfganError
-from tfgan_ct.fileio import OutputError, check_replaceable, is_disk_full, remove_stale_staging
+from tfgan_ct.fileio import OutputError, atomic_write_text, check_replaceable, is_disk_full, remove_stale_staging
 from tfgan_ct.stages import CT_MODALITIES
+from tfgan_ct.version import __version__
 
 __all__ = ["FORMATS", "Summary", "UpscaleError", "UpscaleOptions", "model_window", "super_resolve_hu", "upscale"]
 
 log = logging.getLogger(__name__)
+
+TRUST_REPORT = "trust_report.json"
+TRUST_FIGURES = ("lr_consistency: |bicubic_downscale_x4(derived) - source| in HU inside the source's brain "
+                 "mask, both clipped to the model's window; per_image: the same per source image")
 
 
 class UpscaleError(TfganError, RuntimeError):
@@ -73,10 +80,13 @@ def model_window(method: inference.Method, cfg: Config, override: Window | None 
 
 def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt: str = "dicom",
             window: Window | None = None, outside: str = "bicubic", tile: int = 0, tile_pad: int = 16,
-            overwrite: bool = False, progress: bool = True) -> Summary:
+            overwrite: bool = False, progress: bool = True, uncertainty: bool = False,
+            uid_seed: str | None = None) -> Summary:
     """Super-resolve every CT series found in `inputs` into `out`, one folder per series.
 
-    `window` overrides the model's HU window; `outside`, `tile`, `tile_pad`: see UpscaleOptions.
+    `window` overrides the model's HU window; `outside`, `tile`, `tile_pad`, `uncertainty` (a
+    second, flip-spread series per series), `uid_seed`: see UpscaleOptions. The trust figures of
+    the series written go to `out/trust_report.json` (and `Summary.trust`).
     Stale staging of interrupted runs in `out` is removed first. Unusable images are skipped by
     name (`Summary.skipped`); series folders that exist are left out, or with `overwrite` replaced
     when `upscale` made them (others are refused, `Summary.refused`). Raises UpscaleError when
@@ -86,8 +96,11 @@ def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt:
     inputs = list(inputs)
     if fmt not in FORMATS:
         raise UpscaleError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if uncertainty and fmt != "dicom":
+        raise UpscaleError("the flip-spread series (--uncertainty) is written as DICOM only: use --format dicom")
     options = UpscaleOptions(method, model_window(method, cfg, window), outside, tile, tile_pad, fmt, overwrite,
-                             cfg.convert.out_of_field_hu)
+                             cfg.convert.out_of_field_hu, _mask_hu(method, cfg), cfg.convert.mask, uncertainty,
+                             uid_seed)
     out = Path(out)
     remove_stale_staging(out)  # before reading: a killed run's images must not become inputs; logs each
     summary = Summary()
@@ -112,7 +125,38 @@ def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt:
                 summary.series.append(folder)
     if not summary.series:
         raise UpscaleError(_nothing_written(summary, out))
+    _update_trust_report(out / TRUST_REPORT, summary, options)
     return summary
+
+
+def series_trust(summary: Summary, options: UpscaleOptions) -> dict:
+    """Trust entries of the series a run wrote: {folder name: figures (HU), model, window, spread}."""
+    method = options.method
+    spread = {folder.name for folder in summary.spread}
+    return {folder.name: {**summary.trust.get(folder.name, {}), "model": method.description,
+                          "model_card_sha256": method.metadata.get("card_sha256"),
+                          "window": options.window.as_dict(),
+                          "spread_series": f"{folder.name}_spread" if f"{folder.name}_spread" in spread else None}
+            for folder in summary.series}
+
+
+def _update_trust_report(path: Path, summary: Summary, options: UpscaleOptions) -> None:
+    """Write `out/trust_report.json`: the entries of this run's series over those of earlier runs
+    whose folders still exist (an unreadable old report is replaced)."""
+    try:
+        old = json.loads(path.read_text()).get("series", {})
+    except (OSError, ValueError, AttributeError):
+        old = {}
+    entries = {name: entry for name, entry in old.items() if (path.parent / name).is_dir()}
+    entries.update(series_trust(summary, options))
+    atomic_write_text(path, json.dumps({"tool": f"tfgan-ct {__version__}", "figures": TRUST_FIGURES,
+                                        "series": dict(sorted(entries.items()))}, indent=1) + "\n")
+
+
+def _mask_hu(method: inference.Method, cfg: Config) -> tuple[float, float]:
+    """Brain-mask HU range for the trust figures: the model's stage's, NCCT's for other models."""
+    stage = method.metadata.get("stage")
+    return tuple(cfg.modalities.get(stage if stage in CT_MODALITIES else "ncct").mask_hu)
 
 
 def _nothing_written(summary: Summary, out: Path) -> str:
@@ -184,7 +228,8 @@ def _write_series(frames: list[dicom_io.Frame], final: Path, run: Run) -> Path |
         bar.update(len(frames))
         return None
     try:
-        check_replaceable(final, _inputs_under(final, run.inputs), is_our_series, "a series folder of upscale")
+        for folder in [final, *([spread_folder(final)] if run.options.uncertainty else [])]:
+            check_replaceable(folder, _inputs_under(folder, run.inputs), is_our_series, "a series folder of upscale")
     except OutputError as exc:
         log.error("%s; series left out", exc)
         summary.refused.append(str(exc))
@@ -192,7 +237,8 @@ def _write_series(frames: list[dicom_io.Frame], final: Path, run: Run) -> Path |
         return None
     try:
         header = dicom_io.read_dataset(frames[0].path, pixels=False)
-        written = fill_series(frames, final, run, SeriesUids.new(frames[0], header, run.study_uids))
+        uids = SeriesUids.new(frames[0], header, run.study_uids, run.options.uid_seed)
+        written = fill_series(frames, final, run, uids)
     except (SeriesFailed, ValueError) as exc:  # ValueError: the first header no longer reads
         reason = str(exc.args[0])
         log.error("%s: %s; series left out", final.name, reason)

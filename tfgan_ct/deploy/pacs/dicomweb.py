@@ -208,6 +208,17 @@ class DicomWebPacs:
             study_instance_uid=study, series_instance_uid=series, fields=["InstanceNumber"], get_remaining=True))
         return [InstanceRef(sop_uid=_value(r, _SOP_UID, ""), number=_int(_value(r, _NUMBER))) for r in records]
 
+    def series_metadata(self, study: str, series: str) -> list[pydicom.Dataset]:
+        """WADO-RS metadata: the headers of every instance of one series (no pixel data)."""
+        records = self._call("reading the headers of a series",
+                             lambda: self._client.retrieve_series_metadata(study, series))
+        return [_header(record) for record in records]
+
+    def instance_metadata(self, study: str, series: str, sop: str) -> pydicom.Dataset:
+        """WADO-RS metadata: the header of one instance (no pixel data)."""
+        return _header(self._call("reading the header of an instance",
+                                  lambda: self._client.retrieve_instance_metadata(study, series, sop)))
+
     def retrieve_series(self, study: str, series: str) -> list[pydicom.Dataset]:
         """WADO-RS: every instance of one series, as pydicom datasets (server order, not sorted)."""
         return self._call("retrieving a series", lambda: self._client.retrieve_series(study, series))
@@ -221,6 +232,9 @@ class DicomWebPacs:
         datasets = list(datasets)
         if not datasets:
             return 0
+        for ds in datasets:  # a PS3.10 file each, as WADO-RS gives them back (a dataset copy has none)
+            if getattr(ds, "preamble", None) is None:
+                ds.preamble = b"\x00" * 128
         answer = self._call("storing a series", lambda: self._client.store_instances(datasets))
         failed = len(getattr(answer, _FAILED_SOP, None) or []) if answer is not None else 0
         if failed:
@@ -256,6 +270,11 @@ class DicomWebPacs:
         for path in paths:
             self._session.delete(f"{self.orthanc_rest}{path}", timeout=self._timeout).raise_for_status()
         return bool(paths)
+
+
+def _header(record: dict) -> pydicom.Dataset:
+    """A DICOM JSON record as a pydicom Dataset; bulk data (the pixels) left out."""
+    return pydicom.Dataset.from_json(record, bulk_data_uri_handler=lambda *args: b"")
 
 
 def _int(value) -> int | None:

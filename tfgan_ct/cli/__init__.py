@@ -1,7 +1,6 @@
-"""The `tfgan-ct` command line."""
+"""The `tfgan-ct` command line (`tfgan_ct.cli.pacs` holds the PACS command)."""
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from tfgan_ct.cli.options import config_options
 from tfgan_ct.stages import CT_MODALITIES, NATURAL, STAGES
 from tfgan_ct.version import __version__
 
@@ -35,22 +35,6 @@ def setup_logging(verbosity: int) -> None:
     root.setLevel(level)
     root.propagate = False
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def config_options(fn):
-    """--config FILE and --set key=value, shared by every command."""
-    @click.option("--config", "config_file", metavar="FILE|NAME",
-                  help="YAML configuration, or a bundled one by name: paper, small, quickstart "
-                       "(default: the paper's settings).")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="Override one setting, e.g. --set convert.patch_size=64 (repeatable).")
-    @functools.wraps(fn)
-    def wrapper(*args, config_file=None, overrides=(), **kwargs):
-        from tfgan_ct.config import load_config
-
-        cfg = load_config(config_file, overrides)
-        return fn(*args, cfg=cfg, **kwargs)
-    return wrapper
 
 
 def error_message(exc: Exception) -> str | None:
@@ -443,5 +427,6 @@ def quickstart(out, patients, overwrite, no_progress, config_file, overrides):
     click.echo("\n".join(summary_lines(result)))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+from tfgan_ct.cli.pacs import pacs  # noqa: E402 - registered once the group exists
+
+main.add_command(pacs)

@@ -1,0 +1,22 @@
+"""Options shared by the commands."""
+from __future__ import annotations
+
+import functools
+
+import click
+
+
+def config_options(fn):
+    """--config FILE and --set key=value, shared by every command."""
+    @click.option("--config", "config_file", metavar="FILE|NAME",
+                  help="YAML configuration, or a bundled one by name: paper, small, quickstart "
+                       "(default: the paper's settings).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                  help="Override one setting, e.g. --set convert.patch_size=64 (repeatable).")
+    @functools.wraps(fn)
+    def wrapper(*args, config_file=None, overrides=(), **kwargs):
+        from tfgan_ct.config import load_config
+
+        cfg = load_config(config_file, overrides)
+        return fn(*args, cfg=cfg, **kwargs)
+    return wrapper
