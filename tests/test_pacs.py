@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from copy import deepcopy
 
 import pydicom
 import pytest
@@ -106,8 +107,9 @@ def _store(pacs: DicomWebPacs, datasets) -> None:
 
 
 def _copy(ds: pydicom.Dataset) -> pydicom.Dataset:
-    copy = pydicom.Dataset(ds)
-    copy.file_meta = ds.file_meta
+    """A deep copy (the module's study stays untouched) with its file meta."""
+    copy = deepcopy(ds)
+    copy.file_meta = deepcopy(ds.file_meta)
     return copy
 
 
@@ -154,7 +156,8 @@ def test_once_makes_one_derived_series_per_ct_series_then_none(tmp_path, models,
             assert len(images) == len(sources)
             for ds in images:
                 assert (ds.Rows, ds.Columns) == (4 * sources[0].Rows, 4 * sources[0].Columns)
-                assert [float(v) for v in ds.PixelSpacing] == pytest.approx([float(v) / 4 for v in sources[0].PixelSpacing], abs=1e-5)
+                expected = [float(v) / 4 for v in sources[0].PixelSpacing]
+                assert [float(v) for v in ds.PixelSpacing] == pytest.approx(expected, abs=1e-5)
                 assert ds.StudyInstanceUID == sources[0].StudyInstanceUID
                 assert f"model {stage} v1 (card " in ds.DerivationDescription          # the modality's model
                 assert ds.DerivationDescription.endswith(count_text(len(sources)))

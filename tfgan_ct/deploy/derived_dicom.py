@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import datetime
 import re
-from dataclasses import dataclass, field
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,7 @@ DERIVATION = "Super-resolved x"
 # The two kinds of derived series: the super-resolved images, and (--uncertainty) their flip spread.
 SR, SPREAD = "sr", "spread"
 _SPREAD_TEXT = "; flip spread (HU) over 8 flips/rotations"
+_NAMESPACE = uuid.UUID("6f1c2b0e-8f53-5b8e-9a52-7466616e2d63")  # of the derived UIDs (`name_uid`)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class SeriesUids:
     study: str
     seed: str | None = None                       # set: SOP Instance UIDs derived from the source's
     kind: str = SR                                # SR or SPREAD
+    spread_series: str = ""                       # the flip-spread series' UID (--uncertainty)
     notes: set[str] = field(default_factory=set)  # geometry warnings, logged once per series
 
     @classmethod
@@ -76,31 +79,33 @@ class SeriesUids:
         study without a StudyInstanceUID to the one generated for it in this run.
 
         Without `seed` the UIDs are fresh. With one (e.g. naming the model) they are a hash of
-        the seed and the source's SeriesInstanceUID (pydicom's `generate_uid` with entropy
-        sources), so the same model writing the same series twice gives the same UIDs.
+        the seed and the source's SeriesInstanceUID (`name_uid`), so the same model writing the
+        same series twice gives the same UIDs.
         """
         source = str(header.get("SeriesInstanceUID", "") or "")
         if seed is None or not source:
             return cls(series=generate_uid(), frame_of_reference=generate_uid(),
-                       study=study_uids.setdefault(_study_key(frame, header), generate_uid()))
-        return cls(series=_uid(seed, SR, "series", source), frame_of_reference=_uid(seed, "frame", source),
-                   study=_uid(seed, "study", source), seed=seed)
+                       study=study_uids.setdefault(_study_key(frame, header), generate_uid()),
+                       spread_series=generate_uid())
+        return cls(series=name_uid(seed, SR, "series", source), frame_of_reference=name_uid(seed, "frame", source),
+                   study=name_uid(seed, "study", source), seed=seed,
+                   spread_series=name_uid(seed, SPREAD, "series", source))
 
     def spread(self) -> SeriesUids:
         """The UIDs of the flip-spread series that goes with this one (same study and frame)."""
-        series = _uid(self.seed, SPREAD, self.series) if self.seed else generate_uid()
-        return SeriesUids(series, self.frame_of_reference, self.study, self.seed, SPREAD, self.notes)
+        return replace(self, series=self.spread_series, kind=SPREAD)
 
     def instance(self, source_sop: str, frame: int = 0) -> str:
         """SOP Instance UID of the image derived from source image `source_sop` (frame `frame`)."""
         if self.seed and source_sop:
-            return _uid(self.seed, self.kind, "instance", source_sop, str(frame))
+            return name_uid(self.seed, self.kind, "instance", source_sop, str(frame))
         return generate_uid()
 
 
-def _uid(*parts: str) -> str:
-    """A UID that is a hash of `parts` (pydicom's 2.25 root); nothing of the parts can be read back."""
-    return generate_uid(prefix=None, entropy_srcs=["tfgan-ct", *parts])
+def name_uid(*parts: str) -> str:
+    """A UID made from `parts`: 2.25 and a name-based (SHA-1, version 5) UUID of them, as PS3.5
+    B.2 allows. The same parts give the same UID; nothing of the parts can be read back."""
+    return f"2.25.{uuid.uuid5(_NAMESPACE, chr(0).join(('tfgan-ct', *parts))).int}"
 
 
 def _study_key(frame: dicom_io.Frame, header: pydicom.Dataset) -> tuple:
