@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -59,10 +60,16 @@ def test_table_bold_best_and_p_values():
 def test_evaluate_cli_scores_match_an_independent_computation(converted, tiny_export, tmp_path):
     data, _ = converted
     out = tmp_path / "eval"
+    models = tmp_path / "models"
+    shutil.copytree(tiny_export, models)  # its model card is rewritten with the table
     result = CliRunner().invoke(main, ["evaluate", "ncct", "--data", str(data), "--modality", "ncct",
-                                       "--models-dir", str(tiny_export), "--out", str(out),
+                                       "--models-dir", str(models), "--out", str(out),
                                        "--config", str(SMALL_CONFIG), "--no-progress"])
     assert result.exit_code == 0, result.output
+    card = (models / "ncct/1/MODEL_CARD.md").read_text()
+    evaluation = card.split("## Evaluation")[1].split("## Known limits")[0]
+    assert "Not evaluated yet" not in card and "| ncct |" in evaluation and "| bicubic |" in evaluation
+    assert "dataset manifest SHA-256 `" in evaluation and str(data) not in card
     assert "| Method | PSNR (mask)" in result.output
     rows = list(csv.DictReader((out / "per_slice.csv").open()))
     table = json.loads((out / "table.json").read_text())

@@ -358,10 +358,12 @@ def test_derived_dicom_of_real_samples_passes_dciodvfy(shared_data, cfg, tmp_pat
 @pytest.mark.slow
 def test_derived_dicom_of_the_phantom_passes_dciodvfy(phantom_dir, cfg, tmp_path):
     source_dir = phantom_dir / "patient00" / "01_ncct"
-    upscale.upscale([source_dir], tmp_path / "out", inference.bicubic(), cfg, window=WIDE, progress=False)
+    summary = upscale.upscale([source_dir], tmp_path / "out", inference.bicubic(), cfg, window=WIDE,
+                              progress=False, uncertainty=True)
+    assert len(summary.spread) == 1  # the flip-spread series is checked too
     sources = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in source_dir.glob("*.dcm")}
     outputs = dicoms(tmp_path / "out")
-    assert len(outputs) == len(sources)
+    assert len(outputs) == 2 * len(sources)
     for path in outputs:
         source = sources[pydicom.dcmread(path, stop_before_pixels=True).SourceImageSequence[0]
                          .ReferencedSOPInstanceUID]
@@ -718,3 +720,55 @@ def test_derived_series_are_never_sources(phantom_dir, cfg, tmp_path):
     assert len(again.series) == 1 and again.images == first.images
     assert sorted(s.path for s in again.skipped) == sorted(str(p) for p in derived)
     assert {s.code for s in again.skipped} == {"own-output"}
+
+
+def test_trust_figures_references_and_seeded_uids(phantom_dir, cfg, tmp_path):
+    """Every derived image carries its LR consistency and names its source series; trust_report.json
+    holds the figures per series; a UID seed makes a second run give the same UIDs, none does not."""
+    source_dir = phantom_dir / "patient00" / "01_ncct"
+    source = pydicom.dcmread(sorted(source_dir.glob("*.dcm"))[0], stop_before_pixels=True)
+    runs = {}
+    for name, seed in (("a", "model-x"), ("b", "model-x"), ("c", None)):
+        summary = upscale.upscale([source_dir], tmp_path / name, inference.bicubic(), cfg, window=WIDE,
+                                  progress=False, uid_seed=seed)
+        runs[name] = [pydicom.dcmread(p, stop_before_pixels=True) for p in dicoms(tmp_path / name)]
+    first = runs["a"][0]
+    assert re.fullmatch(r"LR consistency mean [\d.]+ HU, max [\d.]+ HU \(brain\)", first.ImageComments)
+    assert first.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert first.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+        first.SourceImageSequence[0].ReferencedSOPInstanceUID
+    assert [d.SOPInstanceUID for d in runs["a"]] == [d.SOPInstanceUID for d in runs["b"]]
+    assert runs["a"][0].SeriesInstanceUID == runs["b"][0].SeriesInstanceUID
+    assert not {d.SOPInstanceUID for d in runs["a"]} & {d.SOPInstanceUID for d in runs["c"]}
+    assert runs["a"][0].SeriesInstanceUID != runs["c"][0].SeriesInstanceUID
+
+    report = json.loads((tmp_path / "c" / upscale.TRUST_REPORT).read_text())
+    [(folder, entry)] = report["series"].items()
+    assert folder == summary.series[0].name and entry["images"] == len(runs["c"])
+    assert len(entry["per_image"]) == entry["images"] and entry["lr_consistency"]["pixels"] > 0
+    # bicubic up then the same bicubic down is close to the identity: ~6 HU on average in the
+    # phantom's brain (edges such as the skull's give the maximum)
+    assert entry["lr_consistency"]["mean_hu"] < 10, entry["lr_consistency"]
+    assert entry["summary"].startswith("LR consistency mean ") and entry["summary"].endswith(" HU (brain)")
+    assert source.SeriesInstanceUID not in json.dumps(report) and str(source.PatientName) not in json.dumps(report)
+
+
+def test_uncertainty_series_from_the_command_line(phantom_dir, tiny_export, tmp_path):
+    source = phantom_dir / "patient01" / "03_cta"
+    args = ["upscale", str(source), "--models-dir", str(tiny_export), "--model", "ncct", "--no-progress",
+            "--config", str(SMALL_CONFIG), "--out", str(tmp_path / "out"), "--uncertainty"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    [series] = [p for p in (tmp_path / "out").iterdir() if p.is_dir() and not p.name.endswith("_spread")]
+    spread = series.with_name(series.name + "_spread")
+    images, spreads = sorted(series.glob("*.dcm")), sorted(spread.glob("*.dcm"))
+    assert len(images) == len(spreads) == len(list(source.glob("*.dcm")))
+    first, spread_first = pydicom.dcmread(images[0]), pydicom.dcmread(spreads[0])
+    assert spread_first.SeriesInstanceUID != first.SeriesInstanceUID
+    assert derived_dicom.derivation_kind(spread_first.DerivationDescription) == derived_dicom.SPREAD
+    assert derived_dicom.derivation_kind(first.DerivationDescription) == derived_dicom.SR
+    assert spread_first.pixel_array.min() >= 0 and spread_first.pixel_array.shape == first.pixel_array.shape
+    assert json.loads((tmp_path / "out" / upscale.TRUST_REPORT).read_text())["series"][series.name][
+        "spread_series"] == spread.name
+    npy = CliRunner().invoke(main, [*args[:-3], "--out", str(tmp_path / "npy"), "--format", "npy", "--uncertainty"])
+    assert npy.exit_code == 1 and "DICOM only" in npy.output

@@ -247,9 +247,10 @@ _MODALITY = click.option("--modality", type=click.Choice([*CT_MODALITIES, NATURA
 @_TILE
 @_TILE_PAD
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-card", is_flag=True, help="Do not write the table into the evaluated exports' MODEL_CARD.md.")
 @config_options
 def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, split, models_dir, tile,
-             tile_pad, no_progress, cfg):
+             tile_pad, no_progress, no_card, cfg):
     """Score METHODS on the test slices: PSNR/SSIM per slice, Table 1 with paired t-tests.
 
     METHODS are stage names (newest export), stage@VERSION, SavedModel folders,
@@ -257,7 +258,7 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
     brain mask, and over the whole slice as a second figure.
     """
     from tfgan_ct.deploy.inference import BICUBIC
-    from tfgan_ct.evaluation.evaluate import check_windows, markdown, summarize, write_outputs
+    from tfgan_ct.evaluation.evaluate import check_windows, markdown, summarize, update_model_cards, write_outputs
     from tfgan_ct.evaluation.evaluate import evaluate as run
     from tfgan_ct.logs import log_to_file
 
@@ -271,6 +272,8 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
         table = summarize(results, baseline, alpha)
         paths = write_outputs(results, table, out)
         cfg.save(Path(out) / "config.yaml")
+        if not no_card and split == "test":
+            update_model_cards(loaded, table, data_dir)
     click.echo(markdown(table))
     click.echo(f"per-slice scores: {paths['csv']}; table: {paths['markdown']}, {paths['json']}")
 
@@ -337,14 +340,19 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
 @_TILE_PAD
 @click.option("--overwrite", is_flag=True,
               help="Replace series folders this command wrote (never one holding an input or other files).")
+@click.option("--uncertainty", is_flag=True,
+              help="Also write a flip-spread series <folder>_spread (HU): where the model is unsure (8x the "
+                   "inference; DICOM only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @config_options
 def upscale(inputs, out, spec, server, fmt, window, outside_window, models_dir, tile, tile_pad, overwrite,
-            no_progress, cfg):
+            uncertainty, no_progress, cfg):
     """Super-resolve DICOM series x4 into new DICOM series (or PNG / npy).
 
     The output keeps the source's patient and study, with new series and
     instance UIDs, DERIVED image type, 4x rows and columns and PixelSpacing / 4.
+    Each image's LR consistency (HU) is in its ImageComments and, per series,
+    in trust_report.json in --out.
     """
     from tfgan_ct.deploy.upscale import upscale as run
 
@@ -354,7 +362,7 @@ def upscale(inputs, out, spec, server, fmt, window, outside_window, models_dir, 
             "--server: the served model's HU window is not known here; using the config's window for "
             "stage %r. Pass --window C,W if the model was trained with another one", method.metadata["stage"])
     summary = run(inputs, out, method, cfg, fmt, _window_option(window), outside_window, tile, tile_pad,
-                  overwrite, progress=not no_progress)
+                  overwrite, progress=not no_progress, uncertainty=uncertainty)
     click.echo(f"wrote {summary.images} image(s) in {len(summary.series)} series to {out} "
                f"({len(summary.skipped)} file(s) skipped)")
 

@@ -117,6 +117,7 @@ def run(out: str | Path, cfg: Config, patients: int = 6, size: int = 128, overwr
             scores = evaluate.evaluate(methods, slices, stage, progress=progress)
             table = evaluate.summarize(scores, "Scratch")
             evaluate.write_outputs(scores, table, out / "evaluation" / stage)
+            evaluate.update_model_cards(methods, table, out / "data/ct")  # the exports' MODEL_CARD.md
             result.tables[stage] = table
             sections.append(evaluate.markdown(table))
             (out / "figures").mkdir(exist_ok=True)

@@ -15,6 +15,8 @@ mean is significantly higher than the baseline's on the same slices.
 from __future__ import annotations
 
 import csv
+import datetime
+import hashlib
 import io
 import json
 import logging
@@ -28,6 +30,8 @@ from tqdm import tqdm
 
 from tfgan_ct.config import Config, Window
 from tfgan_ct.deploy import inference
+from tfgan_ct.deploy.layout import read_metadata
+from tfgan_ct.deploy.model_card import write_model_card
 from tfgan_ct.errors import TfganError
 from tfgan_ct.evaluation import metrics
 from tfgan_ct.fileio import atomic_write_text
@@ -234,3 +238,27 @@ def write_outputs(results: Results, table: dict, out: str | Path) -> dict[str, P
     atomic_write_text(paths["markdown"], markdown(table))
     atomic_write_text(paths["json"], json.dumps(table, indent=2) + "\n")
     return paths
+
+
+def update_model_cards(methods: list[inference.Method], table: dict, data_dir: str | Path) -> list[Path]:
+    """Write this evaluation into the MODEL_CARD.md of every evaluated export (methods loaded from
+    an export folder); returns the cards written. The card's hash changes with it: derived images
+    made before name the card as it was then."""
+    try:
+        manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    except (OSError, ValueError):
+        digest = None
+    section = (f"Scored with `tfgan-ct evaluate` on {_today()} (dataset manifest SHA-256 "
+               f"{f'`{digest}`' if digest else 'not recorded'}):\n\n{markdown(table)}")
+    written = []
+    for method in methods:
+        if method.path is None or not method.metadata.get("stage"):
+            continue
+        written.append(write_model_card(method.path, read_metadata(method.path), section))
+        log.info("model card of %s updated with this evaluation: %s", method.description, written[-1])
+    return written
+
+
+def _today() -> str:
+    return datetime.date.today().isoformat()
