@@ -81,12 +81,14 @@ def model_window(method: inference.Method, cfg: Config, override: Window | None 
 def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt: str = "dicom",
             window: Window | None = None, outside: str = "bicubic", tile: int = 0, tile_pad: int = 16,
             overwrite: bool = False, progress: bool = True, uncertainty: bool = False,
-            uid_seed: str | None = None) -> Summary:
+            uid_seed: str | None = None, folder_name: str | None = None) -> Summary:
     """Super-resolve every CT series found in `inputs` into `out`, one folder per series.
 
     `window` overrides the model's HU window; `outside`, `tile`, `tile_pad`, `uncertainty` (a
-    second, flip-spread series per series), `uid_seed`: see UpscaleOptions. The trust figures of
-    the series written go to `out/trust_report.json` (and `Summary.trust`).
+    second, flip-spread series per series), `uid_seed`: see UpscaleOptions. `folder_name` names
+    the series folders instead of their descriptions and hashes (`tfgan-ct pacs`: the salted hash
+    of its logs; `_2`, `_3`... for further series). The trust figures of the series written go to
+    `out/trust_report.json` (and `Summary.trust`).
     Stale staging of interrupted runs in `out` is removed first. Unusable images are skipped by
     name (`Summary.skipped`); series folders that exist are left out, or with `overwrite` replaced
     when `upscale` made them (others are refused, `Summary.refused`). Raises UpscaleError when
@@ -108,7 +110,8 @@ def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt:
     if not series:
         raise UpscaleError("no usable CT images in the input" +
                            (f" ({len(summary.skipped)} file(s) skipped)" if summary.skipped else ""))
-    names = _folder_names(series)
+    names = _folder_names(series) if folder_name is None else \
+        {key: folder_name + (f"_{i + 1}" if i else "") for i, key in enumerate(series)}
     resolved = [Path(p).resolve() for p in [*inputs, *files]]
     if overwrite:
         _check_out_holds_no_input(out, [out / name for name in names.values()], resolved)

@@ -137,7 +137,7 @@ class PacsWorker:
 
     def name(self, series_uid: str) -> str:
         """How logs and the report name a series: the salted hash `convert` uses."""
-        return "series " + splits.salted_hash("series:" + series_uid, self._salt)[:12]
+        return "series " + splits.salted_hash("series:" + series_uid, self._salt)
 
     def process(self, ref: SeriesRef, count: int) -> str:
         """Upscale and store one source series; 'stored', 'failed' or 'dry-run'. Faults of this
@@ -175,7 +175,7 @@ class PacsWorker:
             summary = upscale.upscale([stage / "source"], stage / "derived", method, self.cfg, "dicom", None,
                                       self.options.outside, self.options.tile, self.options.tile_pad,
                                       progress=False, uncertainty=self.options.uncertainty,
-                                      uid_seed=Models.uid_seed(method))
+                                      uid_seed=Models.uid_seed(method), folder_name=name.replace(" ", "-"))
             [folder] = summary.series
             stored = self._store(ref, [*summary.spread, folder], name)
         finally:
