@@ -325,3 +325,27 @@ def test_orthanc_killed_and_restarted_mid_run(tmp_path, models, study, env):
         assert sorted(derived) == sorted(f"{d[0].SeriesInstanceUID}/{SR}" for d in study.values())
         for datasets in study.values():
             assert len(derived[f"{datasets[0].SeriesInstanceUID}/{SR}"]) == len(datasets)
+
+
+@pytest.mark.slow
+def test_models_behind_tensorflow_serving(tmp_path, models, study, env):
+    """`--server`: the stages are asked for by name from a serving endpoint (here the loopback
+    stand-in for TensorFlow Serving, which runs the same SavedModels)."""
+    _needs_orthanc()
+    from tfgan_ct.deploy import serving
+
+    standin = serving.start_standin(models)
+    try:
+        with orthanc_server.running_orthanc(tmp_path / "orthanc") as server:
+            pacs = _client(server)
+            _store(pacs, study["cta"])
+            url = f"http://127.0.0.1:{standin.server_address[1]}"
+            args = [a for a in _args(server, models, tmp_path / "work") if a != str(models)]
+            args.remove("--models-dir")
+            result = CliRunner().invoke(main, [*args, "--server", url])
+            assert result.exit_code == 0, result.output
+            [images] = _derived(pacs).values()
+            assert len(images) == len(study["cta"]) and "model cta" in images[0].DerivationDescription
+    finally:
+        standin.shutdown()
+        standin.server_close()

@@ -171,7 +171,7 @@ class PacsWorker:
         log.info("%s: %d image(s), %s (%s), model %s", name, len(headers), kind, why, method.description)
         stage = make_staging(self.out, name.replace(" ", "-"))
         try:
-            self._retrieve(ref, stage / "source")
+            not_written = self._retrieve(ref, stage / "source", name)
             summary = upscale.upscale([stage / "source"], stage / "derived", method, self.cfg, "dicom", None,
                                       self.options.outside, self.options.tile, self.options.tile_pad,
                                       progress=False, uncertainty=self.options.uncertainty,
@@ -186,7 +186,7 @@ class PacsWorker:
         return {"status": "stored", "modality": kind, "modality_reason": why, "model": method.description,
                 "model_card_sha256": method.metadata.get("card_sha256"), "derived_images": stored[-1],
                 "spread_images": stored[0] if summary.spread else 0,
-                "skipped": [_skip_record(item) for item in summary.skipped],
+                "skipped": [*not_written, *(_skip_record(item) for item in summary.skipped)],
                 "lr_consistency": trust["lr_consistency"], "summary": trust["summary"],
                 "per_image": trust["per_image"]}
 
@@ -204,12 +204,24 @@ class PacsWorker:
             raise PacsError("no image of the series has a usable CT header")
         return modality.classify(frames, self.cfg.convert.rules)
 
-    def _retrieve(self, ref: SeriesRef, folder: Path) -> None:
-        """WADO-RS: the series' instances as files in `folder` (named by InstanceNumber, no UID)."""
+    def _retrieve(self, ref: SeriesRef, folder: Path, name: str) -> list[dict]:
+        """WADO-RS: the series' instances as files in `folder`, named IN<order>_<InstanceNumber>.dcm
+        (no UID); returns skip records of the instances that cannot be written as a file."""
         folder.mkdir()
+        skipped = []
         for index, ds in enumerate(self.pacs.retrieve_series(ref.study_uid, ref.series_uid), start=1):
-            number = ds.get("InstanceNumber")
-            ds.save_as(folder / f"IN{index:05d}_{_int(number):05d}.dcm", enforce_file_format=True)
+            path = folder / f"IN{index:05d}_{_int(ds.get('InstanceNumber')):05d}.dcm"
+            try:
+                ds.save_as(path, enforce_file_format=True)
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - pydicom's many ways to refuse a dataset
+                log.warning("%s: skipped %s: [unreadable] cannot be written as a DICOM file (%s: %s)",
+                            name, path.stem, type(exc).__name__, exc)
+                path.unlink(missing_ok=True)
+                skipped.append({"image": path.stem, "code": "unreadable",
+                                "reason": f"cannot be written as a DICOM file ({type(exc).__name__})"})
+        return skipped
 
     def _store(self, ref: SeriesRef, folders: list[Path], name: str) -> list[int]:
         """STOW-RS each derived folder (spread first, SR last: a whole SR series means done), in
