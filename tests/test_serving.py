@@ -253,15 +253,19 @@ def test_errors_name_the_url_and_the_problem(standin, monkeypatch):
 
 @pytest.mark.slow
 def test_standin_command_line(models_dir):
-    """`tfgan-ct serve standin` prints its URL, answers, and stops on SIGTERM."""
+    """`tfgan-ct serve standin` prints its URLs (REST and gRPC), answers on both, and stops on SIGTERM."""
+    from tfgan_ct.deploy.serving import grpc_client
+
     process = subprocess.Popen([sys.executable, "-m", "tfgan_ct.cli", "serve", "standin", "--models-dir",
-                                str(models_dir), "--port", "0"],
+                                str(models_dir), "--port", "0", "--grpc-port", "0"],
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
     try:
         line = process.stdout.readline()
         assert "stand-in for TensorFlow Serving" in line and "ncct v2, cta v1" in line, line
-        url = line.split(" at ")[1].split(": ")[0]
-        assert serving.predict(url, "ncct", np.zeros((1, 2, 2, 1), np.float32)).shape == (1, 8, 8, 1)
+        rest, grpc_url = line.split(" at ")[1].split(": ")[0].split(" and ")
+        assert serving.predict(rest, "ncct", np.zeros((1, 2, 2, 1), np.float32)).shape == (1, 8, 8, 1)
+        assert grpc_url.startswith("grpc://")
+        assert grpc_client.predict(grpc_url, "cta", np.zeros((1, 2, 2, 1), np.float32)).shape == (1, 8, 8, 1)
     finally:
         process.terminate()
         process.wait(timeout=60)

@@ -240,7 +240,8 @@ _MODALITY = click.option("--modality", type=click.Choice([*CT_MODALITIES, NATURA
 @click.option("--alpha", type=float, default=0.05, show_default=True, help="Significance level.")
 @click.option("--limit", type=int, default=None, help="Score only the first N slices.")
 @click.option("--server", default=None, metavar="URL",
-              help="Ask a TensorFlow Serving REST endpoint for stage names instead of loading them.")
+              help="Ask TensorFlow Serving (grpc://HOST:8500 or http://HOST:8501) for stage names instead of "
+                   "loading them.")
 @_MODALITY
 @_SPLIT
 @_MODELS_DIR
@@ -327,7 +328,7 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
 @click.option("--model", "spec", default="ncct", show_default=True, metavar="STAGE[@N]|PATH",
               help="Export to run (newest version of a stage, a version, or a SavedModel folder).")
 @click.option("--server", default=None, metavar="URL",
-              help="TensorFlow Serving REST endpoint (e.g. http://localhost:8501) serving --model.")
+              help="TensorFlow Serving serving --model: grpc://HOST:8500 (gRPC) or http://HOST:8501 (REST).")
 @click.option("--format", "fmt", type=click.Choice(["dicom", "png", "npy"]), default="dicom",
               show_default=True, help="DICOM series, windowed 8-bit PNGs or a float32 HU array.")
 @click.option("--window", default=None, metavar="C,W",
@@ -397,17 +398,21 @@ def serve_config(models_dir, base_path, out):
 @click.option("--models-dir", default="saved_models", show_default=True, type=click.Path(file_okay=False),
               help="Folder of <stage>/<version>/ exports; the newest version of each stage is served.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8501, show_default=True, help="Port to listen on (0: any free one).")
-def serve_standin(models_dir, host, port):
+@click.option("--port", type=int, default=8501, show_default=True, help="REST port (0: any free one).")
+@click.option("--grpc-port", type=int, default=8500, show_default=True,
+              help="gRPC port (0: any free one, -1: no gRPC).")
+def serve_standin(models_dir, host, port, grpc_port):
     """Run a local STAND-IN REST server (tests and demos only).
 
-    Answers TensorFlow Serving's REST requests from the newest export of each
-    stage. It is not TensorFlow Serving: no gRPC, batching, warm-up, version
-    policies or hot reload; deploy with the tensorflow/serving image.
+    Answers TensorFlow Serving's REST and gRPC Predict/GetModelStatus requests
+    from the newest export of each stage. It is not TensorFlow Serving: no
+    batching, warm-up, version policies or hot reload; deploy with the
+    tensorflow/serving image.
     """
     from tfgan_ct.deploy.serving import standin
 
-    standin.serve(standin.make_standin(models_dir, host, port, quiet=False), click.echo)
+    server = standin.make_standin(models_dir, host, port, quiet=False, grpc_port=None if grpc_port < 0 else grpc_port)
+    standin.serve(server, click.echo)
 
 
 @main.command()

@@ -27,7 +27,7 @@ def _date(ctx, param, value: str | None) -> dt.date | None:
 @click.option("--model", "spec", default=None, metavar="STAGE[@N]|PATH",
               help="One export for every series instead of one per modality.")
 @click.option("--server", default=None, metavar="URL",
-              help="TensorFlow Serving REST endpoint serving the stages by name (instead of loading them).")
+              help="TensorFlow Serving serving the stages by name: grpc://HOST:8500 or http://HOST:8501.")
 @click.option("--once/--watch", default=True, show_default=True,
               help="Process what is there and exit, or keep watching until SIGINT/SIGTERM.")
 @click.option("--interval", type=click.FloatRange(min=1), default=30, show_default=True,

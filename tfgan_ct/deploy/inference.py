@@ -101,13 +101,17 @@ def saved_model(path: str | Path, name: str | None = None) -> Method:
 
 def remote(url: str, model: str, version: int | None = None, name: str | None = None,
            scale: int = 4) -> Method:
-    """A model served by TensorFlow Serving (REST API) at `url`, e.g. http://host:8501."""
-    from tfgan_ct.deploy.serving import client
+    """A model served by TensorFlow Serving at `url`: gRPC (grpc://host:8500, grpcs:// with TLS;
+    tensors as raw bytes) or REST (http://host:8501; tensors as JSON text)."""
+    from tfgan_ct.deploy.serving import client, grpc_client
+    from tfgan_ct.deploy.serving.errors import ServingError
+
+    transport = grpc_client if grpc_client.is_grpc(url) else client
 
     def predict(lr: np.ndarray) -> np.ndarray:
         try:
-            return client.predict(url, model, _check_batch(lr), version=version)
-        except client.ServingError as exc:
+            return transport.predict(url, model, _check_batch(lr), version=version)
+        except ServingError as exc:
             raise InferenceError(str(exc)) from None
 
     return Method(name or f"{model}@{url}", predict, scale,

@@ -1,6 +1,8 @@
 """TensorFlow Serving deployment of the exports: `artefacts` (models.config,
-warm-up requests), `client` (REST predict), `standin` (a local stand-in
-server for tests and demos, not TF Serving). Importing it loads no TensorFlow.
+warm-up requests), `client` (REST predict), `grpc_client` (gRPC predict, with
+the messages of `messages`), `standin` and `standin_grpc` (a local stand-in
+server for tests and demos, not TF Serving, running the models of `loaded`).
+Importing it loads no TensorFlow.
 """
 from tfgan_ct.deploy.serving.artefacts import models_config, write_models_config, write_warmup
 from tfgan_ct.deploy.serving.client import model_status, predict

@@ -4,8 +4,9 @@ TensorFlow Serving cannot run everywhere (no registry package, Docker may be
 missing), so this small HTTP server answers the same REST requests
 (`GET /v1/models/<name>`, `POST /v1/models/<name>[/versions/<n>]:predict` in
 the columnar and row formats, errors as {"error": ...}) from the newest
-export of every stage, loaded with plain `tf.saved_model.load`. It is not TF
-Serving: no gRPC, batching, warm-up, version policy beyond "newest", hot
+export of every stage, loaded with plain `tf.saved_model.load`, and with a
+gRPC port the gRPC Predict and GetModelStatus calls (`standin_grpc`). It is
+not TF Serving: no batching, warm-up, version policy beyond "newest", hot
 reload or monitoring. Deploy with the official `tensorflow/serving` image
 (tools/serving/README.md).
 """
@@ -14,50 +15,11 @@ from __future__ import annotations
 import json
 import re
 import threading
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
-
-from tfgan_ct.deploy.layout import exported_stages
-from tfgan_ct.deploy.serving.errors import no_export_error
-
-
-@dataclass
-class LoadedModel:
-    """One stage's newest export, loaded with plain TensorFlow."""
-
-    name: str
-    version: int
-    path: Path
-    signatures: dict          # signature name -> concrete function
-    module: object            # the loaded SavedModel (keeps the variables alive)
-
-
-def load_models(models_dir: str | Path) -> dict[str, LoadedModel]:
-    """{stage: LoadedModel} for the newest version of every exported stage under `models_dir`."""
-    import tensorflow as tf
-
-    stages = exported_stages(models_dir)
-    if not stages:
-        raise no_export_error(models_dir)
-    loaded = {}
-    for stage, available in stages.items():
-        path = Path(models_dir) / stage / str(available[-1])
-        module = tf.saved_model.load(str(path))
-        loaded[stage] = LoadedModel(stage, available[-1], path, dict(module.signatures), module)
-    return loaded
-
-
-class RequestError(Exception):
-    """A request the stand-in refuses; becomes {"error": message} with `status`."""
-
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
-
+from tfgan_ct.deploy.serving.loaded import LoadedModel, RequestError, load_models, run_signature, signature
 
 _ROUTE = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(?::(predict))?")
 
@@ -68,35 +30,12 @@ def run_predict(model: LoadedModel, body: dict) -> dict:
     Columnar "inputs" -> {"outputs": value}; row "instances" -> {"predictions": [per instance]}.
     A signature with one input accepts the value unnamed; one output is returned unnamed.
     """
-    import tensorflow as tf
-
     if not isinstance(body, dict):
         raise RequestError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
     name = body.get("signature_name", "serving_default")
-    function = model.signatures.get(name)
-    if function is None:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f'Serving signature name: "{name}" not found in signature def '
-                                                   f"(available: {', '.join(sorted(model.signatures))})")
-    specs = function.structured_input_signature[1]            # {input name: TensorSpec}
+    specs = signature(model, name).structured_input_signature[1]            # {input name: TensorSpec}
     values = _request_values(body, specs)
-    if not isinstance(values, dict) or set(values) != set(specs):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"signature {name!r} takes inputs {sorted(specs)}")
-    tensors = {}
-    for key, spec in specs.items():
-        try:
-            array = np.asarray(values[key], spec.dtype.as_numpy_dtype)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(HTTPStatus.BAD_REQUEST,
-                               f"input {key!r}: not a {spec.dtype.name} array ({exc})") from None
-        if not spec.shape.is_compatible_with(array.shape):
-            raise RequestError(HTTPStatus.BAD_REQUEST, f"input {key!r}: shape {list(array.shape)} does not match "
-                                                       f"{spec.shape.as_list()} (None = any)")
-        tensors[key] = tf.constant(array)
-    try:
-        outputs = {k: v.numpy() for k, v in function(**tensors).items()}
-    except (tf.errors.OpError, ValueError, TypeError) as exc:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"running {name!r}: {str(exc).splitlines()[0]}") from None
-    return _answer(outputs, columnar="inputs" in body)
+    return _answer(run_signature(model, name, values), columnar="inputs" in body)
 
 
 def _request_values(body: dict, specs: dict):
@@ -186,13 +125,25 @@ class _StandinHandler(BaseHTTPRequestHandler):
 
 
 class StandinServer(ThreadingHTTPServer):
-    """STAND-IN for TensorFlow Serving's REST API (tests and demos only; see the module docstring)."""
+    """STAND-IN for TensorFlow Serving's REST API, and with `grpc_port` its gRPC API (tests and
+    demos only; see the module docstring)."""
 
     daemon_threads = True
 
-    def __init__(self, models: dict[str, LoadedModel], host: str, port: int, quiet: bool):
+    def __init__(self, models: dict[str, LoadedModel], host: str, port: int, quiet: bool,
+                 grpc_port: int | None = None):
         super().__init__((host, port), _StandinHandler)
         self.models, self.quiet = models, quiet
+        self.grpc, self.grpc_url = None, None
+        if grpc_port is not None:
+            from tfgan_ct.deploy.serving.standin_grpc import start as start_grpc
+
+            try:
+                self.grpc, bound = start_grpc(models, host, grpc_port)
+            except BaseException:
+                super().server_close()
+                raise
+            self.grpc_url = f"grpc://{host}:{bound}"
 
     @property
     def url(self) -> str:
@@ -200,19 +151,26 @@ class StandinServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def server_close(self) -> None:
+        """Close the REST socket and stop the gRPC server."""
+        if self.grpc is not None:
+            self.grpc.stop(grace=1).wait()
+        super().server_close()
+
 
 def make_standin(models_dir: str | Path, host: str = "127.0.0.1", port: int = 8501,
-                 quiet: bool = True) -> StandinServer:
-    """Load every stage's newest export and bind the stand-in (port 0: any free port).
-
-    The caller runs `serve_forever()` (e.g. in a thread), then `shutdown()` and `server_close()`.
+                 quiet: bool = True, grpc_port: int | None = None) -> StandinServer:
+    """Load every stage's newest export and bind the stand-in (port 0: any free port; `grpc_port`
+    None: no gRPC). The caller runs `serve_forever()` (e.g. in a thread), then `shutdown()` and
+    `server_close()`.
     """
-    return StandinServer(load_models(models_dir), host, port, quiet)
+    return StandinServer(load_models(models_dir), host, port, quiet, grpc_port)
 
 
-def start_standin(models_dir: str | Path, host: str = "127.0.0.1", port: int = 0) -> StandinServer:
-    """`make_standin` serving from a daemon thread; returns the server (see its `url`)."""
-    server = make_standin(models_dir, host, port)
+def start_standin(models_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
+                  grpc_port: int | None = None) -> StandinServer:
+    """`make_standin` serving from a daemon thread; returns the server (see `url`, `grpc_url`)."""
+    server = make_standin(models_dir, host, port, grpc_port=grpc_port)
     threading.Thread(target=server.serve_forever, name="tfgan-ct-standin", daemon=True).start()
     return server
 
@@ -220,7 +178,8 @@ def start_standin(models_dir: str | Path, host: str = "127.0.0.1", port: int = 0
 def serve(server: StandinServer, announce) -> None:
     """Announce `server` with `announce(line)`, serve until interrupted (Ctrl-C), then close it."""
     models = ", ".join(f"{m.name} v{m.version}" for m in server.models.values())
-    announce(f"stand-in for TensorFlow Serving (tests and demos only) at {server.url}: {models}")
+    where = server.url + (f" and {server.grpc_url}" if server.grpc_url else "")
+    announce(f"stand-in for TensorFlow Serving (tests and demos only) at {where}: {models}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
