@@ -48,10 +48,17 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def fields(data: bytes) -> list[tuple[int, int, int | bytes]]:
+def field_parts(number: int, parts: list[bytes]) -> list[bytes]:
+    """`field(number, b"".join(parts))` as a list of pieces, so that big payloads (tensors) are
+    copied once, by the final join, however deeply they are nested."""
+    return [varint(number << 3 | 2) + varint(sum(len(part) for part in parts)), *parts]
+
+
+def fields(data: bytes | memoryview) -> list[tuple[int, int, int | memoryview]]:
     """The top-level fields of a serialised message: [(number, wire type, value)], value an int for
-    varints and fixed-width fields, bytes for length-delimited ones. ValueError for malformed data
-    or the deprecated group wire types."""
+    varints and fixed-width fields, a memoryview (no copy) for length-delimited ones. ValueError for
+    malformed data or the deprecated group wire types."""
+    data = memoryview(data)
     out, pos = [], 0
     while pos < len(data):
         key, pos = read_varint(data, pos)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tfgan_ct.protowire import field, fields, varint_field
+from tfgan_ct.protowire import field, field_parts, fields, varint_field
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 GET_MODEL_STATUS = "/tensorflow.serving.ModelService/GetModelStatus"
@@ -40,27 +40,34 @@ def encode_spec(spec: ModelSpec) -> bytes:
     return out + (field(3, spec.signature.encode()) if spec.signature else b"")
 
 
-def decode_spec(data: bytes) -> ModelSpec:
+def decode_spec(data: bytes | memoryview) -> ModelSpec:
     name, version, signature = "", None, ""
     for number, _, value in fields(data):
         if number == 1:
-            name = value.decode()
+            name = bytes(value).decode()
         elif number == 2:
             version = next((v for n, _, v in fields(value) if n == 1), 0)
         elif number == 3:
-            signature = value.decode()
+            signature = bytes(value).decode()
     return ModelSpec(name, version, signature or "serving_default")
 
 
-def encode_tensor(array: np.ndarray) -> bytes:
-    """TensorProto of a float32 array: dtype 1, tensor_shape 2 (dim 2 {size 1}), tensor_content 4."""
+def tensor_parts(array: np.ndarray) -> list[bytes]:
+    """TensorProto of a float32 array, in pieces: dtype 1, tensor_shape 2 (dim 2 {size 1}),
+    tensor_content 4 (the raw little-endian bytes, not copied again until the message is joined)."""
     array = np.ascontiguousarray(array, dtype="<f4")
     shape = b"".join(field(2, varint_field(1, size)) for size in array.shape)
-    return varint_field(1, DT_FLOAT) + field(2, shape) + field(4, array.tobytes())
+    return [varint_field(1, DT_FLOAT) + field(2, shape), *field_parts(4, [array.tobytes()])]
 
 
-def decode_tensor(data: bytes) -> np.ndarray:
-    """A float32 TensorProto as an array (from tensor_content or float_val); ValueError otherwise."""
+def encode_tensor(array: np.ndarray) -> bytes:
+    """TensorProto of a float32 array (see `tensor_parts`)."""
+    return b"".join(tensor_parts(array))
+
+
+def decode_tensor(data: bytes | memoryview) -> np.ndarray:
+    """A float32 TensorProto as an array (from tensor_content or float_val); ValueError otherwise.
+    The array may share memory with `data` (read-only)."""
     dtype, shape, content, values = None, [], None, []
     for number, wire, value in fields(data):
         if number == 1:
@@ -75,6 +82,8 @@ def decode_tensor(data: bytes) -> np.ndarray:
                           else np.array([value], "<u4").view("<f4"))
     if dtype != DT_FLOAT:
         raise ValueError(f"tensor of dtype {dtype}, expected DT_FLOAT (1)")
+    if content is not None and len(content) % 4:
+        raise ValueError(f"tensor_content of {len(content)} bytes is not whole float32 values")
     flat = np.frombuffer(content, "<f4") if content is not None else \
         (np.concatenate(values) if values else np.zeros(0, "<f4"))
     count = int(np.prod(shape)) if shape else 1
@@ -82,25 +91,25 @@ def decode_tensor(data: bytes) -> np.ndarray:
         flat = np.full(count, flat[0], "<f4")   # TensorFlow's short form: one value fills the tensor
     if flat.size != count:
         raise ValueError(f"tensor holds {flat.size} values for shape {shape}")
-    return flat.astype(np.float32).reshape(shape)
+    return flat.astype(np.float32, copy=False).reshape(shape)
 
 
-def _map_entry(key: str, tensor: bytes) -> bytes:
-    return field(1, key.encode()) + field(2, tensor)
+def _map_entry(number: int, key: str, array: np.ndarray) -> list[bytes]:
+    """A map<string, TensorProto> entry as field `number`: key 1, value 2."""
+    return field_parts(number, [field(1, key.encode()), *field_parts(2, tensor_parts(array))])
 
 
-def _decode_map(entries: list[bytes]) -> dict[str, np.ndarray]:
+def _decode_map(entries: list) -> dict[str, np.ndarray]:
     out = {}
     for entry in entries:
         parts = {n: v for n, _, v in fields(entry)}
-        out[parts.get(1, b"").decode()] = decode_tensor(parts.get(2, b""))
+        out[bytes(parts.get(1, b"")).decode()] = decode_tensor(parts.get(2, b""))
     return out
 
 
 def encode_predict_request(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> bytes:
     """PredictRequest: model_spec 1, inputs 2 (map<string, TensorProto>)."""
-    return field(1, encode_spec(spec)) + b"".join(field(2, _map_entry(k, encode_tensor(v)))
-                                                  for k, v in inputs.items())
+    return b"".join([field(1, encode_spec(spec)), *(p for k, v in inputs.items() for p in _map_entry(2, k, v))])
 
 
 def decode_predict_request(data: bytes) -> tuple[ModelSpec, dict[str, np.ndarray]]:
@@ -111,8 +120,7 @@ def decode_predict_request(data: bytes) -> tuple[ModelSpec, dict[str, np.ndarray
 
 def encode_predict_response(spec: ModelSpec, outputs: dict[str, np.ndarray]) -> bytes:
     """PredictResponse: outputs 1 (map<string, TensorProto>), model_spec 2."""
-    return b"".join(field(1, _map_entry(k, encode_tensor(v))) for k, v in outputs.items()) + \
-        field(2, encode_spec(spec))
+    return b"".join([*(p for k, v in outputs.items() for p in _map_entry(1, k, v)), field(2, encode_spec(spec))])
 
 
 def decode_predict_response(data: bytes) -> dict[str, np.ndarray]:
