@@ -718,7 +718,8 @@ def test_derived_series_are_never_sources(phantom_dir, cfg, tmp_path):
     again = upscale.upscale([source_dir, tmp_path / "sr"], tmp_path / "sr2", inference.bicubic(), cfg,
                             window=WIDE, progress=False)
     assert len(again.series) == 1 and again.images == first.images
-    assert sorted(s.path for s in again.skipped) == sorted(str(p) for p in derived)
+    report = tmp_path / "sr" / upscale.TRUST_REPORT
+    assert sorted(s.path for s in again.skipped) == sorted(str(p) for p in [*derived, report])
     assert {s.code for s in again.skipped} == {"own-output"}
 
 

@@ -202,6 +202,9 @@ def _find_series(inputs, summary: Summary) -> tuple[dict[tuple[str, str], list[d
         skip(summary, item)
     frames = []
     for path in paths:
+        if Path(path).name == TRUST_REPORT:  # an earlier output given as input
+            skip(summary, dicom_io.Skipped(str(path), "the trust report of an earlier upscale", "own-output"))
+            continue
         result = dicom_io.frames_of(path)
         if isinstance(result, dicom_io.Skipped):
             skip(summary, result)
