@@ -240,6 +240,23 @@ def test_modality_auto_and_forced(phantom_dir, tmp_path, cfg):
     assert {p.modality for p in forced} == {"cta"}
 
 
+def test_dimensions(tmp_path):
+    """(x, y, z, 1) is 3-D, (x, y, z, 1, t) 4-D, unless the 5th axis holds components (an intent)."""
+    values = np.full((32, 32, 3, 1, 5), -1000, np.int16)
+    values[8:24, 8:24] = 40
+    nib.save(nib.Nifti1Image(values[..., :1], np.diag([-1, 1, 4, 1.0])), tmp_path / "three.nii.gz")
+    nib.save(nib.Nifti1Image(values, np.diag([-1, 1, 4, 1.0])), tmp_path / "time.nii.gz")
+    vector = nib.Nifti1Image(values[..., :3], np.diag([-1, 1, 4, 1.0]))
+    vector.header.set_intent("vector")
+    nib.save(vector, tmp_path / "vector.nii.gz")
+    assert [f.layout.time_points for f in nifti.frames_of(tmp_path / "three.nii.gz")] == [1] * 3
+    assert len(nifti.frames_of(tmp_path / "time.nii.gz")) == 15
+    assert nifti.frames_of(tmp_path / "vector.nii.gz").code == "bad-dimensions"
+    air = nib.Nifti1Image(np.full((32, 32, 3), -1000, np.int16), np.eye(4))  # no tissue: not HU
+    nib.save(air, tmp_path / "air.nii.gz")
+    assert nifti.frames_of(tmp_path / "air.nii.gz").code == "not-hu"
+
+
 def _broken_inputs(folder: Path, good: tuple[np.ndarray, np.ndarray]) -> dict[str, str]:
     """Every kind of bad NIfTI beside one good volume; file name -> reason code expected."""
     data, affine = good

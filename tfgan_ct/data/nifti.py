@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import warnings
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -177,7 +178,9 @@ def _load_header(path: Path):
     import nibabel
 
     try:
-        image = nibabel.load(path)
+        with warnings.catch_warnings():  # odd but readable headers (qfac, units) are judged below
+            warnings.simplefilter("ignore")
+            image = nibabel.load(path)
     except FileNotFoundError:
         raise
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
@@ -213,8 +216,11 @@ def _volume(path: Path, image, sidecar: dict) -> Volume:
     """The Volume of `image` (file `path`): dimensions, voxel type and orientation checked."""
     header = image.header
     shape = list(image.shape)
-    while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1): a 3-D volume
-        shape.pop()
+    if len(shape) > 3:  # (x, y, z, 1) is 3-D; (x, y, z, t, 1) and (x, y, z, 1, t) are 4-D
+        extra = [n for n in shape[3:] if n != 1]
+        if len(extra) == 1 and shape[3] == 1 and int(header.get("intent_code", 0)) != 0:
+            extra.append(1)  # a 5th dimension of components (vectors, labels), not time: 5-D
+        shape = shape[:3] + extra
     described = "x".join(map(str, image.shape))
     if len(shape) < 3:
         raise Unusable("bad-dimensions", f"a {len(shape)}-D image ({described}): NIfTI input must be a 3-D "
@@ -302,11 +308,14 @@ def _check_data(path: Path, volume: Volume, require_hu: bool) -> None:
 
 def _not_hu(dtype: np.dtype, volume: Volume, lo: float, hi: float) -> str | None:
     """Why values `lo`..`hi` (after scaling) of a volume stored as `dtype` are not plausibly HU."""
-    if dtype.itemsize == 1 and (volume.slope, volume.inter) == (1.0, 0.0):
-        return f"8-bit voxels ({dtype.name}, {lo:g}..{hi:g}) without scl_slope/scl_inter cannot hold HU"
+    if dtype.itemsize == 1 and abs(volume.slope) * 255 < 1000:
+        return (f"8-bit voxels ({dtype.name}, {lo:g}..{hi:g} after scl_slope/scl_inter) cannot hold CT's "
+                "range of HU")
     if lo > AIR_MAX_HU:
         return (f"values {lo:g}..{hi:g}: nothing at or below {AIR_MAX_HU:g} (no air), so not plausibly HU "
                 "(8-bit, normalised or unscaled data, a perfusion map or a mask?)")
+    if hi < 0:
+        return f"values {lo:g}..{hi:g}: nothing at or above 0 (no tissue), so not plausibly HU"
     if hi > MAX_PLAUSIBLE_HU:
         return f"values up to {hi:g}: not plausibly HU"
     return None
