@@ -136,6 +136,9 @@ class ConvertSettings:
     salt: str = ""
     shard_size: int = 2048         # records per shard
     out_of_field_hu: float = -1500.0  # stored values at or below this are outside the scan field
+    # NIfTI volumes whose values are not plausibly HU (no air, 8-bit data, ...) are skipped
+    # (`not-hu`); false converts (and upscales) them as they are, taking the values as HU.
+    require_hu: bool = True
     mask: MaskSettings = field(default_factory=MaskSettings)
     rules: ModalityRules = field(default_factory=ModalityRules)
 

@@ -208,6 +208,7 @@ FIELD_RULES: dict[str, dict[str, Check]] = {
         "shard_size": _integer(1),
         "out_of_field_hu": _finite(le=AIR_HU, why="HU at or below air; higher values would turn tissue "
                                                   "into air"),
+        "require_hu": _flag,
     },
     "DataSettings": {"batch_size": _integer(1), "shuffle_buffer": _integer(1), "cycle_length": _integer(1),
                    "augment": _flag},

@@ -105,14 +105,17 @@ def _conversion_options(fn):
 @click.option("--split", default=None, metavar="T:V:T",
               help="Patients per train:validation:test, counts or fractions (config default 4:2:3).")
 @click.option("--split-csv", type=click.Path(exists=True, dir_okay=False),
-              help="CSV with columns patient,split (patient = DICOM PatientID) instead of --split.")
+              help="CSV with columns patient,split (patient = DICOM PatientID; NIfTI: BIDS sub- folder, "
+                   "sidecar PatientID, case folder or file name) instead of --split.")
 @click.option("--seed", type=int, default=None, help="Seed of the patient split (config default 0).")
 @_conversion_options
 @config_options
 def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, no_progress, cfg):
-    """Convert DICOM files, folders and DICOMDIRs into TFRecord shards.
+    """Convert DICOM files, folders and DICOMDIRs, and NIfTI volumes, into TFRecord shards.
 
-    Train shards hold masked HR/LR patches, validation and test shards whole
+    NIfTI (.nii, .nii.gz) may be mixed with DICOM: a 3-D volume is one series
+    (NCCT unless its JSON sidecar or --modality says otherwise), a 4-D one CT
+    perfusion. Train shards hold masked HR/LR patches, validation and test shards whole
     slices; OUT/manifest.json describes the dataset, OUT/config.yaml holds the
     settings used and OUT/convert.log what happened.
     """
@@ -329,8 +332,9 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
               help="Export to run (newest version of a stage, a version, or a SavedModel folder).")
 @click.option("--server", default=None, metavar="URL",
               help="TensorFlow Serving serving --model: grpc://HOST:8500 (gRPC) or http://HOST:8501 (REST).")
-@click.option("--format", "fmt", type=click.Choice(["dicom", "png", "npy"]), default="dicom",
-              show_default=True, help="DICOM series, windowed 8-bit PNGs or a float32 HU array.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "dicom", "png", "npy", "nifti"]), default="auto",
+              show_default=True, help="DICOM series, windowed 8-bit PNGs, a float32 HU array or one x4 NIfTI "
+                                      "volume per series; auto: DICOM for DICOM input, NIfTI for NIfTI input.")
 @click.option("--window", default=None, metavar="C,W",
               help="HU window of the model (default: its export's; with --server, the config's for the stage).")
 @click.option("--outside-window", type=click.Choice(["bicubic", "clip"]), default="bicubic",
@@ -348,12 +352,13 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
 @config_options
 def upscale(inputs, out, spec, server, fmt, window, outside_window, models_dir, tile, tile_pad, overwrite,
             uncertainty, no_progress, cfg):
-    """Super-resolve DICOM series x4 into new DICOM series (or PNG / npy).
+    """Super-resolve DICOM series and NIfTI volumes x4 into new DICOM series (or PNG / npy / NIfTI).
 
-    The output keeps the source's patient and study, with new series and
+    The DICOM output keeps the source's patient and study, with new series and
     instance UIDs, DERIVED image type, 4x rows and columns and PixelSpacing / 4.
     Each image's LR consistency (HU) is in its ImageComments and, per series,
-    in trust_report.json in --out.
+    in trust_report.json in --out. A NIfTI volume becomes <name>_x4.nii.gz
+    (int16 HU, in-plane voxel size / 4, the affine keeping the anatomy in place).
     """
     from tfgan_ct.deploy.upscale import upscale as run
 

@@ -1,11 +1,13 @@
-"""`tfgan-ct convert`: DICOM files and folders -> masked TFRecord patch shards.
+"""`tfgan-ct convert`: DICOM and NIfTI files and folders -> masked TFRecord patch shards.
 
-The DICOM source of `conversion.run_conversion`: header pass over every file
+The CT source of `conversion.run_conversion`: header pass over every file
 -> group into series -> modality per series -> patient-level split -> decode,
 mask and resize each slice in the pool (HR int16 HU, LR float32 HU, brain mask).
+A NIfTI volume (`nifti`) is one series whose slices are Frames like DICOM's.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from tfgan_ct.config import Config, ConfigError
-from tfgan_ct.data import dicom_io, resize, splits
+from tfgan_ct.data import dicom_io, nifti, resize, splits
 from tfgan_ct.data import modality as modality_rules
 from tfgan_ct.data.conversion import (
     ConvertError,
@@ -61,7 +63,7 @@ class SeriesPlan:
 def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality: str = "auto",
             split_csv: str | Path | None = None, workers: int | None = None,
             overwrite: bool = False, progress: bool = True) -> Summary:
-    """Convert DICOM `inputs` into a shard dataset at `out`; `modality`: auto, ncct, ctp or cta.
+    """Convert DICOM and NIfTI `inputs` into a shard dataset at `out`; `modality`: auto, ncct, ctp or cta.
 
     Raises ConvertError when nothing usable is found or `out` cannot be written,
     ConfigError for bad settings.
@@ -73,7 +75,7 @@ def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality
 
 @dataclass
 class DicomSource:
-    """DICOM files as a `conversion.Source`: series of CT slices."""
+    """DICOM and NIfTI files as a `conversion.Source`: series of CT slices."""
 
     cfg: Config
     modality: str = "auto"
@@ -82,7 +84,7 @@ class DicomSource:
     nothing_found = "no usable CT images found"
 
     def scan(self, inputs, pool, progress: bool) -> tuple[list[dicom_io.Frame], list[dicom_io.Skipped]]:
-        frames, skipped = scan(inputs, pool, progress)
+        frames, skipped = scan(inputs, pool, progress, self.cfg.convert.require_hu)
         return dicom_io.merge_duplicates(frames, self.cfg.convert.out_of_field_hu), skipped
 
     def plan(self, frames, skipped, salt: str) -> list[SeriesPlan]:
@@ -103,8 +105,13 @@ class DicomSource:
         return build_manifest(plans, shards, summary, self.cfg, self.modality, self.split_csv)
 
 
-def scan(inputs, pool, progress: bool) -> tuple[list[dicom_io.Frame], list[dicom_io.Skipped]]:
-    """Header pass over every input file (in `pool`); logs one line per skipped file."""
+def scan(inputs, pool, progress: bool,
+         require_hu: bool = True) -> tuple[list[dicom_io.Frame], list[dicom_io.Skipped]]:
+    """Header pass over every input file (in `pool`); logs one line per skipped file.
+
+    NIfTI files (by name) are read whole, one per task; their JSON sidecars are not
+    inputs of their own. `require_hu`: see `nifti.frames_of`.
+    """
     skipped: list[dicom_io.Skipped] = []
     try:
         paths = list(dicom_io.iter_files(inputs, skipped))
@@ -112,13 +119,19 @@ def scan(inputs, pool, progress: bool) -> tuple[list[dicom_io.Frame], list[dicom
         raise ConvertError(str(exc)) from None
     for item in skipped:
         log_skipped(item)
+    paths, volumes = nifti.split_inputs(paths)
+    passes = [(dicom_io.frames_of, paths, 32, "reading headers")]
+    if volumes:
+        passes.append((functools.partial(nifti.frames_of, require_hu=require_hu), volumes, 1, "reading NIfTI"))
     frames: list[dicom_io.Frame] = []
-    for result in header_pass(pool, dicom_io.frames_of, paths, 32, "reading headers", "file", progress):
-        if isinstance(result, dicom_io.Skipped):
-            log_skipped(result)
-            skipped.append(result)
-        else:
-            frames.extend(result)
+    for fn, items, chunk, desc in passes:
+        for result in header_pass(pool, fn, items, chunk, desc, "file", progress):
+            if isinstance(result, dicom_io.Skipped):
+                log_skipped(result)
+                skipped.append(result)
+            else:
+                frames.extend(result)
+    nifti.assign_keys(frames)
     return frames, skipped
 
 
@@ -153,7 +166,8 @@ def plan_series(frames: list[dicom_io.Frame], cfg: Config, modality: str, salt: 
                         series_hash, patient_hash)
             continue
         if modality == "auto":
-            kind, reason = modality_rules.classify(members, cfg.convert.rules)
+            rules = nifti.classify if nifti.is_nifti_frame(members[0]) else modality_rules.classify
+            kind, reason = rules(members, cfg.convert.rules)
         else:
             kind, reason = modality, "forced by --modality"
         members = sorted(members, key=_slice_key(kind))
@@ -185,8 +199,9 @@ class _Task:
 
     plan_index: int
     # (slice index, candidate files (first, then duplicates), frame, pixel spacing,
-    #  where the first file holds its pixels)
-    items: list[tuple[int, tuple[str, ...], int, tuple[float, float] | None, dicom_io.PixelLayout | None]]
+    #  where the first file holds its pixels: a PixelLayout, or the nifti.Volume of a NIfTI file)
+    items: list[tuple[int, tuple[str, ...], int, tuple[float, float] | None,
+                      dicom_io.PixelLayout | nifti.Volume | None]]
     meta: RecordMeta  # modality, split, patient and series of every record
     cfg: Config
     spool: str | None = None  # file for the records, when run in a worker process
@@ -218,9 +233,10 @@ def process_task(task: _Task) -> tuple[int, list[SliceRecords], list[dicom_io.Sk
     for candidates, items in by_files.items():
         frames = [frame for _, _, frame, _, _ in items]
         for n, path in enumerate(candidates):
+            layout = items[0][4] if n == 0 else None
+            reader = nifti.read_hu if isinstance(layout, nifti.Volume) else dicom_io.read_hu
             try:
-                images = dicom_io.read_hu(path, frames, task.cfg.convert.out_of_field_hu,
-                                          layout=items[0][4] if n == 0 else None)
+                images = reader(path, frames, task.cfg.convert.out_of_field_hu, layout=layout)
             except ValueError as exc:
                 skipped.append(dicom_io.skipped(path, exc))
                 continue

@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from tfgan_ct.config import ConvertSettings, MaskSettings, Window
-from tfgan_ct.data import dicom_io, masking, resize
+from tfgan_ct.data import dicom_io, masking, nifti, resize
 from tfgan_ct.deploy import inference, trust
 from tfgan_ct.deploy.derived_dicom import SeriesUids, derived_by_us, write_dicom
 from tfgan_ct.fileio import atomic_write_bytes, atomic_write_text, staged_directory
 
 log = logging.getLogger("tfgan_ct.deploy.upscale")  # one logger for the whole command
 
-FORMATS = ("dicom", "png", "npy")
+FORMATS = ("dicom", "png", "npy", "nifti")  # nifti: `nifti_output`
 _OUR_FILES = re.compile(r"IM\d{5}\.(?:dcm|png)|sr_hu\.npy|slices\.json")
 
 # Reason codes of images skipped by upscale itself (beside dicom_io.REASONS of the reading).
@@ -278,6 +278,8 @@ def _read_frame(frame: dicom_io.Frame, out_of_field_hu: float) -> tuple[np.ndarr
     errors = []
     for path in [frame.path, *frame.duplicates]:
         try:
+            if isinstance(frame.layout, nifti.Volume):  # a slice of a NIfTI volume
+                return nifti.read_hu(path, [frame.frame], out_of_field_hu, frame.layout)[0], path
             return dicom_io.read_hu(path, [frame.frame], out_of_field_hu)[0], path
         except ValueError as exc:
             errors.append(dicom_io.skipped(path, exc))

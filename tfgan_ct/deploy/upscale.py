@@ -1,4 +1,4 @@
-"""`tfgan-ct upscale`: DICOM series in, x4 super-resolved DICOM series (or PNG / npy) out.
+"""`tfgan-ct upscale`: DICOM series in, x4 super-resolved DICOM series (or PNG / npy / NIfTI) out.
 
 The driver: find the CT series of the inputs, choose the model's window, and
 write each series in its own folder, `<SeriesNumber>_<description>_<hash>_x4`
@@ -6,6 +6,8 @@ write each series in its own folder, `<SeriesNumber>_<description>_<hash>_x4`
 SeriesInstanceUID, so a rerun finds its folder and no identifier is in
 clear). Each series is written in a hidden staging folder and renamed when
 complete (`series_output`); the images are derived DICOM (`derived_dicom`).
+NIfTI volumes (`data.nifti`) are series too, written as `<name>_x4.nii.gz` by
+default (`nifti_output`, which also writes DICOM series with --format nifti).
 Staging left by an interrupted run is removed first; a full disk stops the
 run with one line, the series written before it kept.
 
@@ -15,6 +17,7 @@ whose `--out` holds an input replaces nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,8 +29,8 @@ import pydicom
 from tqdm import tqdm
 
 from tfgan_ct.config import Config, Window
-from tfgan_ct.data import dicom_io
-from tfgan_ct.deploy import inference
+from tfgan_ct.data import dicom_io, nifti
+from tfgan_ct.deploy import inference, nifti_output
 from tfgan_ct.deploy.derived_dicom import SeriesUids, is_our_derivation
 from tfgan_ct.deploy.series_output import (
     FORMATS,
@@ -78,17 +81,18 @@ def model_window(method: inference.Method, cfg: Config, override: Window | None 
     return Window.from_dict(saved) if saved else cfg.modalities.get(stage).window
 
 
-def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt: str = "dicom",
+def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt: str = "auto",
             window: Window | None = None, outside: str = "bicubic", tile: int = 0, tile_pad: int = 16,
             overwrite: bool = False, progress: bool = True, uncertainty: bool = False,
             uid_seed: str | None = None, folder_name: str | None = None) -> Summary:
     """Super-resolve every CT series found in `inputs` into `out`, one folder per series.
 
+    `fmt`: one of FORMATS, or `auto` (DICOM for DICOM series, NIfTI for NIfTI volumes).
     `window` overrides the model's HU window; `outside`, `tile`, `tile_pad`, `uncertainty` (a
-    second, flip-spread series per series), `uid_seed`: see UpscaleOptions. `folder_name` names
-    the series folders instead of their descriptions and hashes (`tfgan-ct pacs`: the salted hash
-    of its logs; `_2`, `_3`... for further series). The trust figures of the series written go to
-    `out/trust_report.json` (and `Summary.trust`).
+    second, flip-spread series per DICOM series), `uid_seed`: see UpscaleOptions. `folder_name`
+    names the series folders instead of their descriptions and hashes (`tfgan-ct pacs`: the salted
+    hash of its logs; `_2`, `_3`... for further series). The trust figures of the series written
+    go to `out/trust_report.json` (and `Summary.trust`).
     Stale staging of interrupted runs in `out` is removed first. Unusable images are skipped by
     name (`Summary.skipped`); series folders that exist are left out, or with `overwrite` replaced
     when `upscale` made them (others are refused, `Summary.refused`). Raises UpscaleError when
@@ -96,9 +100,9 @@ def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt:
     and when the disk fills up (the incomplete series removed).
     """
     inputs = list(inputs)
-    if fmt not in FORMATS:
-        raise UpscaleError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if uncertainty and fmt != "dicom":
+    if fmt not in (*FORMATS, "auto"):
+        raise UpscaleError(f"format must be auto or one of {', '.join(FORMATS)}, got {fmt!r}")
+    if uncertainty and fmt not in ("dicom", "auto"):
         raise UpscaleError("the flip-spread series (--uncertainty) is written as DICOM only: use --format dicom")
     options = UpscaleOptions(method, model_window(method, cfg, window), outside, tile, tile_pad, fmt, overwrite,
                              cfg.convert.out_of_field_hu, _mask_hu(method, cfg), cfg.convert.mask, uncertainty,
@@ -106,12 +110,14 @@ def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt:
     out = Path(out)
     remove_stale_staging(out)  # before reading: a killed run's images must not become inputs; logs each
     summary = Summary()
-    series, files = _find_series(inputs, summary)
+    series, files = _find_series(inputs, summary, cfg.convert.require_hu)
     if not series:
         raise UpscaleError("no usable CT images in the input" +
                            (f" ({len(summary.skipped)} file(s) skipped)" if summary.skipped else ""))
+    formats = {key: nifti_output.series_format(frames, fmt) for key, frames in series.items()}
     names = _folder_names(series) if folder_name is None else \
         {key: folder_name + (f"_{i + 1}" if i else "") for i, key in enumerate(series)}
+    names = {key: nifti_output.output_name(name, formats[key]) for key, name in names.items()}
     resolved = [Path(p).resolve() for p in [*inputs, *files]]
     if overwrite:
         _check_out_holds_no_input(out, [out / name for name in names.values()], resolved)
@@ -123,7 +129,13 @@ def upscale(inputs, out: str | Path, method: inference.Method, cfg: Config, fmt:
               disable=not progress) as bar:
         run = Run(options, summary, bar, inputs=resolved)
         for key, frames in series.items():
-            folder = _write_series(frames, out / names[key], run)
+            if not formats[key]:
+                nifti_output.refuse(frames, names[key], run)
+                continue
+            series_run = run if formats[key] == fmt else dataclasses.replace(run, options=dataclasses.replace(
+                options, fmt=formats[key], uncertainty=options.uncertainty and formats[key] == "dicom"))
+            write = nifti_output.write_series if formats[key] == "nifti" else _write_series
+            folder = write(frames, out / names[key], series_run)
             if folder is not None:
                 summary.series.append(folder)
     if not summary.series:
@@ -191,8 +203,10 @@ def _check_out_holds_no_input(out: Path, finals: list[Path], inputs: list[Path])
                                f"it: choose an output folder outside the input (nothing was written)")
 
 
-def _find_series(inputs, summary: Summary) -> tuple[dict[tuple[str, str], list[dicom_io.Frame]], list[Path]]:
-    """CT frames of `inputs` grouped by (patient, series) and sorted, and every input file found."""
+def _find_series(inputs, summary: Summary,
+                 require_hu: bool = True) -> tuple[dict[tuple[str, str], list[dicom_io.Frame]], list[Path]]:
+    """CT frames of `inputs` grouped by (patient, series) and sorted, and every input file found
+    (NIfTI sidecars aside). `require_hu`: see `nifti.frames_of`."""
     walk: list[dicom_io.Skipped] = []
     try:
         paths = list(dicom_io.iter_files(inputs, walk))
@@ -200,12 +214,13 @@ def _find_series(inputs, summary: Summary) -> tuple[dict[tuple[str, str], list[d
         raise UpscaleError(str(exc)) from None
     for item in walk:  # unreadable folders, dangling links, broken DICOMDIRs
         skip(summary, item)
+    others, volumes = nifti.split_inputs(paths)
     frames = []
-    for path in paths:
+    for path in others + volumes:
         if Path(path).name == TRUST_REPORT:  # an earlier output given as input
             skip(summary, dicom_io.Skipped(str(path), "the trust report of an earlier upscale", "own-output"))
             continue
-        result = dicom_io.frames_of(path)
+        result = nifti.read_frames(path, require_hu)
         if isinstance(result, dicom_io.Skipped):
             skip(summary, result)
         elif is_our_derivation(result[0].derivation):
@@ -242,8 +257,11 @@ def _write_series(frames: list[dicom_io.Frame], final: Path, run: Run) -> Path |
         bar.update(len(frames))
         return None
     try:
-        header = dicom_io.read_dataset(frames[0].path, pixels=False)
-        uids = SeriesUids.new(frames[0], header, run.study_uids, run.options.uid_seed)
+        if nifti.is_nifti_frame(frames[0]):  # png or npy of a NIfTI volume: no DICOM header, no UIDs
+            uids = SeriesUids("", "", "")
+        else:
+            header = dicom_io.read_dataset(frames[0].path, pixels=False)
+            uids = SeriesUids.new(frames[0], header, run.study_uids, run.options.uid_seed)
         written = fill_series(frames, final, run, uids)
     except (SeriesFailed, ValueError) as exc:  # ValueError: the first header no longer reads
         reason = str(exc.args[0])
@@ -274,8 +292,10 @@ def _write_error(exc: OSError, final: Path, summary: Summary) -> str:
 
 
 def _folder_names(series: dict[tuple[str, str], list[dicom_io.Frame]]) -> dict[tuple[str, str], str]:
-    """Output folder of each series, derived from its source series only (stable across runs)."""
-    return {key: _folder_name(dicom_io.read_dataset(frames[0].path, pixels=False), key)
+    """Output folder of each series, derived from its source series only (stable across runs);
+    a NIfTI volume's is `<file name>_x4` (`nifti_output.volume_names`)."""
+    volumes = nifti_output.volume_names(series)
+    return {key: volumes.get(key) or _folder_name(dicom_io.read_dataset(frames[0].path, pixels=False), key)
             for key, frames in series.items()}
 
 
