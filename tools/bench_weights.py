@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--eval-slices", type=int, default=8)
     parser.add_argument("--ema-decay", type=float, default=0.98)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # runs' train.log: all
+    logging.getLogger().handlers[0].setLevel(logging.WARNING)                           # terminal: warnings
 
     from tfgan_ct.config import load_config
     from tfgan_ct.data import convert, images

@@ -285,7 +285,7 @@ def _chosen_weights(run: Run, model: TransferGAN, steps: int, best: BestWeights,
         except FileNotFoundError as exc:
             raise TrainingError(f"run {run.run_dir}: {exc}") from None
         step = record.pop("step")
-        figures = {**record, "slices": run.cfg.train.eval_slices}
+        figures = {**record, "slices": len(validation_slices(run))}
         log.info("exporting the best %s phase weights: step %d, validation PSNR %.2f dB, SSIM %.4f in the mask",
                  PHASES[phase], step, record["psnr_mask"], record["ssim_mask"])
     else:
