@@ -373,7 +373,8 @@ def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(converted, tiny_co
     # The moving average of G (optimizer variables next to Adam's slots) and the best-weights record are
     # in the checkpoint too, so they resume exactly with everything else.
     assert len([n for n in names if n.startswith("g_optimizer/_variables/")]) > 3 * 20
-    assert {"best_record/psnr/.ATTRIBUTES/VARIABLE_VALUE", "collapse_guard/falls/.ATTRIBUTES/VARIABLE_VALUE"} <= set(names)
+    assert {"best_record/psnr/.ATTRIBUTES/VARIABLE_VALUE",
+            "collapse_guard/falls/.ATTRIBUTES/VARIABLE_VALUE"} <= set(names)
     for step in (3, 6):  # L1 phase: steps 1-4; GAN phase: 5-8
         runs = tmp_path / f"runs-from-{step}"
         shutil.copytree(tmp_path / "runs", runs)
