@@ -80,7 +80,8 @@ def main() -> None:
         for stage in MODALITIES:
             result = train_stage(stage, out / "data/ct", vcfg, warm_start=source, models_dir=out / variant,
                                  runs_dir=out / "runs")
-            exported[variant][stage] = source = result.export_dir
+            exported[variant][stage] = result.export_dir
+            source = str(result.export_dir)
             meta = export.read_metadata(result.export_dir)
             psnr = (meta["exported_validation"] or {}).get("psnr_mask", float("nan"))
             print(f"{variant:4s} {stage}: exported {meta['exported_weights']} weights of step "
