@@ -345,7 +345,7 @@ def test_killed_run_resumes_from_checkpoint(converted, tiny_config, tmp_path):
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stderr and "from its checkpoint at step" in result.stderr
-    assert "ncct: 404 steps" in result.stdout
+    assert "ncct: 404 steps" in result.stdout and "(ema weights of step 404)" in result.stdout
     assert export.versions(tmp_path / "models/ncct") == [1]
 
 
