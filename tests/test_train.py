@@ -345,7 +345,7 @@ def test_killed_run_resumes_from_checkpoint(converted, tiny_config, tmp_path):
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming" in result.stderr and "from its checkpoint at step" in result.stderr
-    assert "ncct: 404 steps" in result.stdout
+    assert "ncct: 404 steps" in result.stdout and "(ema weights of step 404)" in result.stdout
     assert export.versions(tmp_path / "models/ncct") == [1]
 
 
@@ -370,6 +370,11 @@ def test_resumed_run_sees_the_batches_of_an_uninterrupted_run(converted, tiny_co
     final = tf.train.load_checkpoint(str(whole.run_dir / "checkpoints/ckpt-8"))
     names = [n for n in final.get_variable_to_shape_map() if "OBJECT_GRAPH" not in n]
     assert len([n for n in names if n.startswith("g_optimizer/_trainable_variables/")]) > 20  # G's weights
+    # The moving average of G (optimizer variables next to Adam's slots) and the best-weights record are
+    # in the checkpoint too, so they resume exactly with everything else.
+    assert len([n for n in names if n.startswith("g_optimizer/_variables/")]) > 3 * 20
+    assert {"best_record/psnr/.ATTRIBUTES/VARIABLE_VALUE",
+            "collapse_guard/falls/.ATTRIBUTES/VARIABLE_VALUE"} <= set(names)
     for step in (3, 6):  # L1 phase: steps 1-4; GAN phase: 5-8
         runs = tmp_path / f"runs-from-{step}"
         shutil.copytree(tmp_path / "runs", runs)

@@ -176,6 +176,23 @@ class PhaseSettings:
 
 
 @dataclass
+class CollapseSettings:
+    """When a GAN phase counts as collapsed (`tfgan_ct.training.collapse`).
+
+    The discriminator wins outright when its loss, averaged over a logging
+    interval, falls below `d_loss_below` (RaGAN D loss: about 0.69 at balance)
+    or the generator's adversarial loss rises above `g_adversarial_above`;
+    validation has collapsed when its PSNR in the mask stays more than
+    `psnr_drop_db` dB below the phase's best for `patience` validations in a row.
+    """
+
+    d_loss_below: float = 0.01
+    g_adversarial_above: float = 20.0
+    psnr_drop_db: float = 1.0
+    patience: int = 3
+
+
+@dataclass
 class TrainSettings:
     """Training schedule, loss weights and bookkeeping."""
 
@@ -197,6 +214,23 @@ class TrainSettings:
     eval_every: int = 1000
     eval_slices: int = 8               # validation slices scored / shown in TensorBoard
     seed: int = 0
+    # The discriminator's initial learning rate in the GAN phase (halved at the phase's
+    # milestones); null: gan_phase.learning_rate, as ESRGAN.
+    d_learning_rate: float | None = None
+    # Moving average of the generator's weights (BasicSR / Real-ESRGAN: 0.999); 0 turns it off.
+    ema_decay: float = 0.999
+    # Weights exported: ema, best (per phase, by validation PSNR in the mask), last;
+    # auto: ema when ema_decay > 0, else last.
+    export_weights: str = "auto"
+    stop_on_collapse: bool = False     # end training at a collapse and export the best weights
+    collapse: CollapseSettings = field(default_factory=CollapseSettings)
+
+    @property
+    def weights_to_export(self) -> str:
+        """`export_weights` with 'auto' resolved: 'ema' when the moving average is on, else 'last'."""
+        if self.export_weights != "auto":
+            return self.export_weights
+        return "ema" if self.ema_decay > 0 else "last"
 
 
 @dataclass

@@ -37,6 +37,7 @@ MAX_SEED = 2**32 - 1      # NumPy's (and so Keras') seed range
 AIR_HU = -1000.0
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # the Keras policies gan.py/train.py handle
 VGG_SUFFIXES = (".h5", ".hdf5", ".keras")
+EXPORT_WEIGHTS = ("auto", "ema", "best", "last")  # train.export_weights (tfgan_ct.training.selection)
 
 
 def validate(cfg: Config) -> None:
@@ -107,6 +108,11 @@ def _finite(gt: float | None = None, ge: float | None = None, lt: float | None =
 def _one_of(*allowed: Any, rule: str = "") -> Check:
     rule = rule or "must be one of " + ", ".join(show(a) for a in allowed)
     return lambda v: None if v in allowed and type(v) in {type(a) for a in allowed} else rule
+
+
+def _optional(check: Check) -> Check:
+    """None (unset), or a value `check` accepts."""
+    return lambda v: None if v is None else (lambda problem: problem and f"{problem}, or null")(check(v))
 
 
 def _flag(value: Any) -> str | None:
@@ -228,6 +234,16 @@ FIELD_RULES: dict[str, dict[str, Check]] = {
         "eval_every": _integer(1),
         "eval_slices": _integer(0),
         "seed": _SEED,
+        "d_learning_rate": _optional(_finite(gt=0)),
+        "ema_decay": _finite(ge=0, lt=1, why="0 turns the moving average off"),
+        "export_weights": _one_of(*EXPORT_WEIGHTS),
+        "stop_on_collapse": _flag,
+    },
+    "CollapseSettings": {
+        "d_loss_below": _finite(ge=0),
+        "g_adversarial_above": _finite(gt=0),
+        "psnr_drop_db": _finite(gt=0),
+        "patience": _integer(1),
     },
 }
 
@@ -254,7 +270,14 @@ def _something_to_train(train: TrainSettings, where: str) -> None:
                           f"at least one must be > 0 for the {gan} GAN phase step(s) to train the generator")
 
 
+def _ema_to_export(train: TrainSettings, where: str) -> None:
+    """Exporting the moving average needs one."""
+    if train.export_weights == "ema" and train.ema_decay == 0:
+        raise ConfigError(f"{where}.export_weights='ema' {where}.ema_decay=0: there is no moving average to "
+                          f"export; set {where}.ema_decay (e.g. 0.999) or export 'best' or 'last'")
+
+
 CROSS_RULES: dict[str, tuple[Callable[[Any, str], None], ...]] = {
     "PhaseSettings": (_milestones_within_phase,),
-    "TrainSettings": (_something_to_train,),
+    "TrainSettings": (_something_to_train, _ema_to_export),
 }

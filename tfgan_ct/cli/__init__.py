@@ -184,7 +184,12 @@ def train(stage, data_dir, warm_start, models_dir, runs_dir, gpus, restart, cfg)
 
     result = train_stage(stage, data_dir, cfg, warm_start=warm_start, models_dir=models_dir,
                          runs_dir=runs_dir, strategy=choose_strategy(gpus), restart=restart)
-    click.echo(f"{stage}: {result.steps} steps; run {result.run_dir}; export {result.export_dir}")
+    from tfgan_ct.deploy.layout import read_metadata
+
+    meta = read_metadata(result.export_dir)
+    chosen = f" ({meta['exported_weights']} weights of step {meta['exported_step']})" \
+        if meta.get("exported_weights") else ""
+    click.echo(f"{stage}: {result.steps} steps; run {result.run_dir}; export {result.export_dir}{chosen}")
 
 
 def _window_option(value: str | None):

@@ -100,6 +100,22 @@ def _network_text(metadata: dict) -> str:
     return f"ESRGAN RRDBNet generator ({count} variables)" if count else "ESRGAN RRDBNet generator"
 
 
+def _chosen_text(metadata: dict) -> str:
+    """Which weights were exported (`exported_weights`: ema, best, last) and their validation figure."""
+    kind = metadata.get("exported_weights")
+    if not kind:
+        return f"{NOT_RECORDED} (exports before tfgan-ct recorded it hold the last step's)"
+    names = {"ema": f"moving average of the generator (decay {metadata.get('ema_decay')})",
+             "best": "best", "last": "last step"}
+    figures = metadata.get("exported_validation") or {}
+    psnr = figures.get("psnr_mask")
+    text = f"{names.get(kind, kind)} (validation PSNR {psnr:.2f} dB in the brain mask, " if psnr is not None \
+        else f"{names.get(kind, kind)} (no validation, "
+    text += f"step {metadata.get('exported_step')})"
+    stopped = metadata.get("stopped_by_collapse_at")
+    return text + (f"; training stopped at step {stopped} on a collapse" if stopped else "")
+
+
 def render(export_dir: str | Path, metadata: dict, evaluation_markdown: str | None = None) -> str:
     """The card's Markdown for the export at `export_dir` with metadata `metadata`."""
     export_dir = Path(export_dir)
@@ -125,6 +141,7 @@ def render(export_dir: str | Path, metadata: dict, evaluation_markdown: str | No
         f"- Stage: {stage}; version: {_value(metadata, 'version')}; modality: {_value(metadata, 'modality')}",
         f"- Parent stage (warm start): {_parent_text(metadata)}",
         f"- Training steps: {_value(metadata, 'steps')}",
+        f"- Weights: {_chosen_text(metadata)}",
         f"- Window: {_window_text(metadata)}",
         f"- Scale: x{scale}",
         f"- Network: {_network_text(metadata)}",

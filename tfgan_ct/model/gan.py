@@ -7,8 +7,17 @@
 Per-example losses are averaged over the *global* batch, so gradients summed over
 replicas under `tf.distribute` equal those of one big batch. With `mixed_float16`
 both optimizers are `LossScaleOptimizer`s.
+
+With `train.ema_decay` > 0 the generator's Adam keeps an exponential moving
+average of G's trainable weights (Keras' `use_ema`; BasicSR / Real-ESRGAN keep
+one too): after each G update, average = decay * average + (1 - decay) * weights,
+the first update copying the weights. The averages are optimizer variables, so
+they are checkpointed with the run and mirrored like the weights under
+tf.distribute (each replica applies the same all-reduced update).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import keras
 import tensorflow as tf
@@ -47,9 +56,14 @@ def halving_schedule(phases: list[tuple[int, PhaseSettings]]) -> keras.optimizer
     return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def make_optimizer(schedule, settings: TrainSettings, name: str) -> keras.optimizers.Optimizer:
-    """Adam (beta1 0.9, beta2 0.999 by default), loss-scaled under mixed_float16."""
+def make_optimizer(schedule, settings: TrainSettings, name: str,
+                   ema_decay: float = 0.0) -> keras.optimizers.Optimizer:
+    """Adam (beta1 0.9, beta2 0.999 by default), loss-scaled under mixed_float16.
+
+    ema_decay > 0: the optimizer also keeps a moving average of what it trains.
+    """
     opt = keras.optimizers.Adam(learning_rate=schedule, beta_1=settings.beta_1, beta_2=settings.beta_2,
+                                use_ema=ema_decay > 0, ema_momentum=ema_decay if ema_decay > 0 else 0.99,
                                 name=name)
     if settings.mixed_precision == "mixed_float16":
         opt = keras.optimizers.LossScaleOptimizer(opt, name=f"{name}_loss_scale")
@@ -66,8 +80,9 @@ class TransferGAN(keras.Model):
         self.settings, self.global_batch = settings, global_batch
         l1, gan = settings.l1_phase, settings.gan_phase
         self.g_schedule = halving_schedule([(0, l1), (l1.steps, gan)])
-        self.d_schedule = halving_schedule([(0, gan)])
-        self.g_optimizer = make_optimizer(self.g_schedule, settings, "g_adam")
+        d_rate = settings.d_learning_rate or gan.learning_rate
+        self.d_schedule = halving_schedule([(0, dataclasses.replace(gan, learning_rate=d_rate))])
+        self.g_optimizer = make_optimizer(self.g_schedule, settings, "g_adam", ema_decay=settings.ema_decay)
         self.d_optimizer = make_optimizer(self.d_schedule, settings, "d_adam")
         self.gan_phase = False
         self.trackers = {name: keras.metrics.Mean(name=name) for name in
@@ -90,6 +105,15 @@ class TransferGAN(keras.Model):
         MultiWorkerMirroredStrategy cannot do for a dict of tensors.
         """
         return
+
+    def ema_variables(self) -> list | None:
+        """The moving averages of `generator.trainable_variables` (same order); None without EMA."""
+        optimizer = getattr(self.g_optimizer, "inner_optimizer", self.g_optimizer)
+        if not optimizer.use_ema:
+            return None
+        index = {optimizer._var_key(v): i for i, v in enumerate(optimizer._trainable_variables)}
+        averages = optimizer._model_variables_moving_average
+        return [averages[index[optimizer._var_key(v)]] for v in self.generator.trainable_variables]
 
     @property
     def step(self) -> tf.Variable:

@@ -70,6 +70,14 @@ def checkpoint_dir(run_dir: Path, strategy) -> Path:
     return run_dir / f".checkpoints-{resolver.task_type}{resolver.task_id}"
 
 
+def best_dir(run_dir: Path, strategy) -> Path:
+    """The run's `best/` (best validated weights, `selection`) for the chief; a scratch folder for others."""
+    if is_chief(strategy):
+        return run_dir / "best"
+    resolver = strategy.cluster_resolver
+    return run_dir / f".best-{resolver.task_type}{resolver.task_id}"
+
+
 def tensorboard_dir(run_dir: Path, strategy) -> Path:
     """The run's `tensorboard/` for the chief; a scratch folder for every other worker."""
     return run_dir / ("tensorboard" if is_chief(strategy) else ".tensorboard-worker")

@@ -7,7 +7,9 @@ where the id is a hash of what defines it (stage, dataset manifest, configuratio
 warm-start source): the same command again resumes from its newest checkpoint,
 continuing each phase's seeded input stream where the checkpoint left it, or
 reports the export of a run that already finished. Phases: L1, then GAN
-(`model.gan`); strategy and workers: `distribute`; per-step work: `callbacks`.
+(`model.gan`); strategy and workers: `distribute`; per-step work: `callbacks`;
+which weights are exported (moving average, best validated, last): `selection`;
+collapse warnings and `train.stop_on_collapse`: `collapse`.
 """
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ from tfgan_ct.model.gan import TransferGAN
 from tfgan_ct.model.generator import build_generator
 from tfgan_ct.model.vgg import FeatureExtractorError, build_feature_extractor, check_weights_setting
 from tfgan_ct.stages import PARENT, STAGES
-from tfgan_ct.training.callbacks import StepWatcher
-from tfgan_ct.training.distribute import checkpoint_dir, choose_strategy, is_chief, worker_position
+from tfgan_ct.training.callbacks import StepWatcher, score, validation_slices
+from tfgan_ct.training.collapse import CollapseGuard
+from tfgan_ct.training.distribute import best_dir, checkpoint_dir, choose_strategy, is_chief, worker_position
 from tfgan_ct.training.run import Run, TrainingError, TrainResult
+from tfgan_ct.training.selection import PHASES, BestWeights, load_ema, shadow_copy
 
 log = logging.getLogger("tfgan_ct.training.train")
 
@@ -73,7 +77,24 @@ def _check_inputs(stage: str, data_dir: Path, cfg: Config) -> dict:
         check_weights_setting(cfg.model.vgg_weights)
     except (pipeline.DataError, FeatureExtractorError) as exc:
         raise TrainingError(str(exc)) from None
+    _check_validation(stage, data_dir, manifest, cfg)
     return manifest
+
+
+def _check_validation(stage: str, data_dir: Path, manifest: dict, cfg: Config) -> None:
+    """`best` weights and `stop_on_collapse` choose by validation: refuse a run that has none."""
+    tc = cfg.train
+    wants = [f"train.export_weights={tc.export_weights}"] if tc.weights_to_export == "best" else []
+    wants += ["train.stop_on_collapse=true"] if tc.stop_on_collapse else []
+    if not wants:
+        return
+    try:
+        pipeline.shard_files(data_dir, "validation", stage, manifest)
+    except pipeline.DataError:
+        raise TrainingError(f"{' and '.join(wants)} choose weights by validation, but {data_dir} has no "
+                            f"{stage} validation slices; export 'ema' or 'last' instead") from None
+    if tc.eval_slices == 0:
+        raise TrainingError(f"{' and '.join(wants)} choose weights by validation, but train.eval_slices=0")
 
 
 def resolve_warm_start(stage: str, spec: str, models_dir: Path) -> Path | None:
@@ -152,18 +173,27 @@ def _train(run: Run) -> TrainResult:
     if tc.mixed_precision != "float32":
         keras.mixed_precision.set_global_policy(tc.mixed_precision)
     keras.utils.set_random_seed(tc.seed)
-    model, checkpoint = _build(run)
+    best, guard = BestWeights(best_dir(run.run_dir, run.strategy)), CollapseGuard(tc.collapse)
+    model, checkpoint = _build(run, best, guard)
     manager = tf.train.CheckpointManager(checkpoint, str(checkpoint_dir(run.run_dir, run.strategy)),
                                          max_to_keep=tc.keep_checkpoints)
     resumed = _start_from(run, model, checkpoint, manager)
-    _run_phases(run, model, manager)
+    best.forget_after(resumed)
+    # Holds G's moving average for validation and export (outside the strategy's scope).
+    shadow = shadow_copy(model.generator) if tc.ema_decay > 0 else None
+    _run_phases(run, model, manager, StepWatcher(model, manager, run, tc.l1_phase.steps + tc.gan_phase.steps,
+                                                 best, guard, shadow))
     steps = int(model.step.numpy())
     manager.save(checkpoint_number=steps)
-    return TrainResult(run.run_dir, _export(run, model, steps), steps, resumed)
+    best.prune(steps)
+    return TrainResult(run.run_dir, _export(run, model, steps, best, guard, shadow), steps, resumed)
 
 
-def _build(run: Run) -> tuple[TransferGAN, tf.train.Checkpoint]:
-    """The networks, the GAN with built optimizers and their checkpoint, in the strategy's scope."""
+def _build(run: Run, best: BestWeights, guard: CollapseGuard) -> tuple[TransferGAN, tf.train.Checkpoint]:
+    """The networks, the GAN with built optimizers and their checkpoint, in the strategy's scope.
+
+    The checkpoint also holds the best-weights record and the collapse guard's state.
+    """
     cfg, replicas = run.cfg, run.strategy.num_replicas_in_sync
     if cfg.data.batch_size % replicas:
         raise TrainingError(f"data.batch_size={cfg.data.batch_size} does not split over {replicas} replicas")
@@ -178,7 +208,8 @@ def _build(run: Run) -> tuple[TransferGAN, tf.train.Checkpoint]:
         model.build_optimizers()
         model.compile()
         checkpoint = tf.train.Checkpoint(generator=generator, discriminator=discriminator,
-                                         g_optimizer=model.g_optimizer, d_optimizer=model.d_optimizer)
+                                         g_optimizer=model.g_optimizer, d_optimizer=model.d_optimizer,
+                                         best_record=best.record, collapse_guard=guard.state)
     return model, checkpoint
 
 
@@ -198,18 +229,24 @@ def _start_from(run: Run, model: TransferGAN, checkpoint: tf.train.Checkpoint,
     return 0
 
 
-def _run_phases(run: Run, model: TransferGAN, manager: tf.train.CheckpointManager) -> None:
-    """The L1 phase, then the GAN phase, each from where the model's step stands to its last step."""
+def _run_phases(run: Run, model: TransferGAN, manager: tf.train.CheckpointManager,
+                watcher: StepWatcher) -> None:
+    """The L1 phase, then the GAN phase, each from where the model's step stands to its last step;
+    none after a collapse stopped training (`train.stop_on_collapse`)."""
     tc = run.cfg.train
     total = tc.l1_phase.steps + tc.gan_phase.steps
     workers, worker = worker_position(run.strategy)
     per_step = pipeline.patches_per_step(workers, run.cfg.data.batch_size)
-    watcher = StepWatcher(model, manager, run, total)
     for phase, (gan_phase, begin, end) in enumerate(((False, 0, tc.l1_phase.steps),
                                                      (True, tc.l1_phase.steps, total))):
         start = int(model.step.numpy())
+        if watcher.guard.stopped_at:
+            log.info("a collapse stopped training at step %d (train.stop_on_collapse)", watcher.guard.stopped_at)
+            return
         if start >= end:
             continue
+        if start == begin:
+            watcher.guard.new_phase()
         model.gan_phase = gan_phase
         model.train_function = None  # rebuild the step function for this phase
         watcher.phase_end = end
@@ -233,21 +270,53 @@ def _run_phases(run: Run, model: TransferGAN, manager: tf.train.CheckpointManage
             raise TrainingError(watcher.error)
 
 
-def _export(run: Run, model: TransferGAN, steps: int) -> Path:
-    """Export the trained stage (the chief to `models_dir`, other workers to scratch); its folder."""
+def _chosen_weights(run: Run, model: TransferGAN, steps: int, best: BestWeights, guard: CollapseGuard,
+                    shadow) -> tuple[keras.Model, keras.Model, dict]:
+    """Generator, discriminator and metadata of the weights to export (`selection`; after a collapse
+    stop: the best); metadata: `exported_weights`, `exported_step`, `exported_validation`."""
+    tc = run.cfg.train
+    choice = "best" if guard.stopped_at else tc.weights_to_export
+    generator, discriminator, step = model.generator, model.discriminator, steps
+    if choice == "best":
+        phase = 1 if steps > tc.l1_phase.steps else 0
+        generator, discriminator = shadow_copy(model.generator), shadow_copy(model.discriminator)
+        try:
+            record = best.restore(phase, generator, discriminator)
+        except FileNotFoundError as exc:
+            raise TrainingError(f"run {run.run_dir}: {exc}") from None
+        step = record.pop("step")
+        figures = {**record, "slices": len(validation_slices(run))}
+        log.info("exporting the best %s phase weights: step %d, validation PSNR %.2f dB, SSIM %.4f in the mask",
+                 PHASES[phase], step, record["psnr_mask"], record["ssim_mask"])
+    else:
+        if choice == "ema":
+            load_ema(shadow, model.generator, model.ema_variables())
+            generator = shadow
+        slices = validation_slices(run)
+        psnr, ssim, _ = score(generator, slices, run.scale, panels=0) if slices else (None, None, None)
+        figures = {"psnr_mask": psnr, "ssim_mask": ssim, "slices": len(slices)} if slices else None
+        log.info("exporting the %s weights of step %d%s", "moving-average" if choice == "ema" else "last", step,
+                 f": validation PSNR {psnr:.2f} dB, SSIM {ssim:.4f} in the mask" if slices else "")
+    meta = {"exported_weights": choice, "exported_step": step, "exported_validation": figures,
+            "ema_decay": tc.ema_decay, "stopped_by_collapse_at": guard.stopped_at or None}
+    return generator, discriminator, meta
+
+
+def _export(run: Run, model: TransferGAN, steps: int, best: BestWeights, guard: CollapseGuard, shadow) -> Path:
+    """Export the chosen weights of the stage (the chief to `models_dir`, other workers to scratch); its folder."""
+    generator, discriminator, chosen = _chosen_weights(run, model, steps, best, guard, shadow)
     parent_meta = export.read_metadata(run.parent) if run.parent else {}
-    meta = {"parent": parent_meta.get("stage"), "parent_version": parent_meta.get("version"),
+    meta = {**chosen, "parent": parent_meta.get("stage"), "parent_version": parent_meta.get("version"),
             "parent_path": str(run.parent) if run.parent else None, "steps": steps, "modality": run.stage,
             "data_manifest_sha256": hashlib.sha256(json.dumps(run.manifest, sort_keys=True).encode()).hexdigest(),
             "data_counts": run.manifest.get("counts"),  # numbers only (records, slices, patients, series)
             "config": run.cfg.to_dict()}
     if not is_chief(run.strategy):  # every worker must save; only the chief's export is kept
         scratch = run.run_dir / ".export-scratch"
-        export.export_stage(model.generator, model.discriminator, scratch, run.stage, run.window, run.scale, meta)
+        export.export_stage(generator, discriminator, scratch, run.stage, run.window, run.scale, meta)
         shutil.rmtree(scratch, ignore_errors=True)
         return run.models_dir / run.stage
-    out = export.export_stage(model.generator, model.discriminator, run.models_dir, run.stage, run.window,
-                              run.scale, meta)
+    out = export.export_stage(generator, discriminator, run.models_dir, run.stage, run.window, run.scale, meta)
     log.info("exported %s", out)
     done = run.run_dir / "exported.json"
     earlier = _exports(json.loads(done.read_text())) if done.is_file() else []
