@@ -23,6 +23,7 @@ Apache Beam (the `beam` extra) is imported only here, and only when a pipeline r
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import logging
 import os
@@ -37,9 +38,10 @@ from typing import Iterable, Iterator, Sequence
 from tfgan_ct.config import Config
 from tfgan_ct.data import splits
 from tfgan_ct.data.conversion import ConvertError, Summary, run_conversion
-from tfgan_ct.data.convert import DicomSource, SeriesPlan, slice_tasks, check_modality, log_skipped, process_task
+from tfgan_ct.data.convert import DicomSource, SeriesPlan, check_modality, log_skipped, process_task, slice_tasks
 from tfgan_ct.data.dicom_files import Skipped
 from tfgan_ct.data.shards import shard_name, write_shard
+from tfgan_ct.fileio import is_disk_full
 
 log = logging.getLogger("tfgan_ct.data.beam_conversion")
 
@@ -66,11 +68,14 @@ def convert_with_beam(inputs: Iterable[str | Path], out: str | Path, cfg: Config
 
 def pipeline_options(args: Sequence[str] | str, workers: int | None):
     """Beam `PipelineOptions` from command-line style `args`; the DirectRunner defaults to
-    multi-process mode with `workers` processes unless `args` say otherwise."""
+    multi-process mode with `workers` processes, and workers log warnings only, unless
+    `args` say otherwise. Raises ConvertError for an option Beam does not know."""
     _import_beam()
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
     args = shlex.split(args) if isinstance(args, str) else list(args)
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append("--default_sdk_harness_log_level=WARNING")  # not a line per worker start and stop
     options = PipelineOptions(args)
     unknown = [a for a in options.get_all_options(retain_unknown_options=True) if a not in
                options.get_all_options(retain_unknown_options=False)]
@@ -132,6 +137,8 @@ def run_pipeline(plans: list[SeriesPlan], cfg: Config, stage: Path, summary: Sum
     except (KeyboardInterrupt, ConvertError):
         raise
     except Exception as exc:  # noqa: BLE001 - any runner failure: no dataset, one line
+        if is_disk_full(exc):  # in a worker, where the error reaches us as text
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise ConvertError(f"the Beam pipeline failed, no dataset was written: {lines[-1][:500]}") from None
     shards = collect(plans, work, summary)
