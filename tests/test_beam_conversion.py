@@ -124,3 +124,35 @@ def test_shard_without_tensorflow_is_what_tensorflow_writes(tmp_path):
     assert entry["records"] == 3 and entry["file"] == "a.tfrecord"
     assert [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "a.tfrecord"))] == records
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_workers_get_paths_and_plan_but_no_identifiers_or_salt(phantom_dir, small_cfg, tmp_path):
+    import base64
+    import copy
+    import pickle
+
+    import pydicom
+
+    from tfgan_ct.data.beam_conversion import write_plan
+    from tfgan_ct.data.conversion import InProcess
+    from tfgan_ct.data.convert import DicomSource
+
+    cfg = copy.deepcopy(small_cfg)
+    cfg.convert.salt = "s3cret-salt"
+    source = DicomSource(cfg)
+    frames, skipped = source.scan([phantom_dir], InProcess(), False)
+    plans = source.plan(frames, skipped, cfg.convert.salt)
+    lines = write_plan(plans, cfg, tmp_path / "series.txt").read_text().splitlines()
+    assert len(lines) == len(plans) == 9
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(phantom_dir.rglob("*.dcm"))]
+    identifiers = {str(h.get(k)) for h in headers for k in ("PatientID", "PatientName", "SeriesInstanceUID",
+                                                             "StudyInstanceUID", "SOPInstanceUID")}
+    for index, line in enumerate(lines):
+        raw = base64.b64decode(line)
+        plan_index, tasks = pickle.loads(raw)
+        assert plan_index == index and sum(len(t.items) for t in tasks) == len(plans[index].frames)
+        assert b"s3cret-salt" not in raw and tasks[0].meta.series == plans[index].series_hash
+        for identifier in identifiers:
+            pickled_paths = {p for t in tasks for item in t.items for p in item[1]}
+            if not any(identifier in p for p in pickled_paths):  # file names are the archive's own
+                assert identifier.encode() not in raw, identifier

@@ -23,6 +23,7 @@ Apache Beam (the `beam` extra) is imported only here, and only when a pipeline r
 from __future__ import annotations
 
 import base64
+import copy
 import errno
 import json
 import logging
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from tfgan_ct.config import Config
+from tfgan_ct.config import REDACTED_SALT, Config
 from tfgan_ct.data import splits
 from tfgan_ct.data.conversion import ConvertError, Summary, run_conversion
 from tfgan_ct.data.convert import DicomSource, SeriesPlan, check_modality, log_skipped, process_task, slice_tasks
@@ -147,7 +148,13 @@ def run_pipeline(plans: list[SeriesPlan], cfg: Config, stage: Path, summary: Sum
 
 
 def write_plan(plans: list[SeriesPlan], cfg: Config, path: Path) -> Path:
-    """One line per series for the workers (base64 pickle of its plan index and slice tasks)."""
+    """One line per series for the workers (base64 pickle of its plan index and slice tasks).
+
+    The workers get the settings without the salt: the pseudonyms are made already,
+    and a secret salt stays on the driver.
+    """
+    cfg = copy.deepcopy(cfg)
+    cfg.convert.salt = REDACTED_SALT
     with open(path, "w", encoding="ascii") as f:
         for index, plan in enumerate(plans):
             tasks = list(slice_tasks([plan], cfg, None))
