@@ -123,12 +123,12 @@ def run_pipeline(plans: list[SeriesPlan], cfg: Config, stage: Path, summary: Sum
     Raises ConvertError when the pipeline fails (the caller's staging folder then goes).
     """
     beam = _import_beam()
+    from apache_beam.options.pipeline_options import StandardOptions
+
     work = stage / WORK
     work.mkdir()
     plan_file = write_plan(plans, cfg, work / "series.txt")
     keys = [(plan.split, plan.modality) for plan in plans]
-    from apache_beam.options.pipeline_options import StandardOptions
-
     runner = options.view_as(StandardOptions).runner or "DirectRunner"
     log.info("converting %d slice(s) of %d series with Apache Beam (%s)",
              sum(len(p.frames) for p in plans), len(plans), runner)
