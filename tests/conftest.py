@@ -6,6 +6,7 @@ The core fixtures come from the package's own phantom, so the tests stand alone;
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,18 @@ def tiny_export(tmp_path_factory) -> Path:
     export_stage(build_generator(num_blocks=1, features=8, growth=4), build_discriminator(32, features=8),
                  models, "ncct", Window(40, 80), 4, {"parent": None})
     return models
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KB file system (tmpfs), mounted for the test; skipped where mounting is not allowed."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small file system here (needs root)")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def _needs_samples(item) -> bool:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -274,18 +273,6 @@ def test_killed_convert_leaves_no_staging_after_the_next_run(phantom_dir, tmp_pa
     for name in files:
         if name != "convert.log":  # has times
             assert (out / name).read_bytes() == (reference / name).read_bytes(), name
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 256 KB file system (tmpfs), mounted for the test; skipped where mounting is not allowed."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small file system here (needs root)")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(phantom_dir, small_disk):

@@ -108,9 +108,15 @@ def _conversion_options(fn):
               help="CSV with columns patient,split (patient = DICOM PatientID; NIfTI: BIDS sub- folder, "
                    "sidecar PatientID, case folder or file name) instead of --split.")
 @click.option("--seed", type=int, default=None, help="Seed of the patient split (config default 0).")
+@click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
+              help="local: this machine's cores; beam: an Apache Beam pipeline (needs tfgan-ct[beam]).")
+@click.option("--beam-options", default=None, metavar="'--opt=value ...'",
+              help="Beam pipeline options for --runner beam, e.g. '--runner=FlinkRunner --flink_master=HOST:8081' "
+                   "(default: DirectRunner, multi-process, --workers processes).")
 @_conversion_options
 @config_options
-def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, no_progress, cfg):
+def convert(inputs, out, modality, split, split_csv, seed, runner, beam_options, workers, overwrite, no_progress,
+            cfg):
     """Convert DICOM files, folders and DICOMDIRs, and NIfTI volumes, into TFRecord shards.
 
     NIfTI (.nii, .nii.gz) may be mixed with DICOM: a 3-D volume is one series
@@ -119,11 +125,20 @@ def convert(inputs, out, modality, split, split_csv, seed, workers, overwrite, n
     slices; OUT/manifest.json describes the dataset, OUT/config.yaml holds the
     settings used and OUT/convert.log what happened.
     """
-    from tfgan_ct.data.convert import convert as run
-
     _split_options(cfg, split, seed)
-    summary = run(inputs, out, cfg, modality=modality, split_csv=split_csv, workers=workers,
-                  overwrite=overwrite, progress=not no_progress)
+    if runner == "beam":
+        from tfgan_ct.data.beam_conversion import convert_with_beam
+
+        summary = convert_with_beam(inputs, out, cfg, modality=modality, split_csv=split_csv,
+                                    beam_options=beam_options or "", workers=workers, overwrite=overwrite,
+                                    progress=not no_progress)
+    else:
+        from tfgan_ct.data.convert import convert as run
+
+        if beam_options is not None:
+            raise click.UsageError("--beam-options needs --runner beam")
+        summary = run(inputs, out, cfg, modality=modality, split_csv=split_csv, workers=workers,
+                      overwrite=overwrite, progress=not no_progress)
     n = sum(summary.records.values())
     click.echo(f"wrote {n} record(s) from {sum(summary.slices.values())} slice(s) to {out} "
                f"({len(summary.skipped)} file(s) skipped)")

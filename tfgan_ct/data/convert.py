@@ -68,9 +68,14 @@ def convert(inputs: Iterable[str | Path], out: str | Path, cfg: Config, modality
     Raises ConvertError when nothing usable is found or `out` cannot be written,
     ConfigError for bad settings.
     """
+    check_modality(modality)
+    return run_conversion(DicomSource(cfg, modality, split_csv), inputs, out, cfg, workers, overwrite, progress)
+
+
+def check_modality(modality: str) -> None:
+    """Refuse a --modality other than auto, ncct, ctp or cta."""
     if modality != "auto" and modality not in modality_rules.MODALITIES:
         raise ConvertError(f"--modality {modality!r}: use auto, ncct, ctp or cta")
-    return run_conversion(DicomSource(cfg, modality, split_csv), inputs, out, cfg, workers, overwrite, progress)
 
 
 @dataclass
@@ -207,7 +212,9 @@ class _Task:
     spool: str | None = None  # file for the records, when run in a worker process
 
 
-def _tasks(plans: list[SeriesPlan], cfg: Config, spool: Path | None) -> Iterator[_Task]:
+def slice_tasks(plans: list[SeriesPlan], cfg: Config, spool: Path | None) -> Iterator[_Task]:
+    """The worker tasks of `plans`: up to CHUNK slices of one series each; `spool`: folder
+    for their records when they run in worker processes (None: returned directly)."""
     n = 0
     for p, plan in enumerate(plans):
         items = [(i, (f.path, *f.duplicates), f.frame, f.pixel_spacing, f.layout)
@@ -298,7 +305,7 @@ def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summar
     if spool is not None:
         spool.mkdir()
     bar = tqdm(total=sum(len(p.frames) for p in plans), desc="converting", unit="slice", disable=not progress)
-    for plan_index, results, skipped, spooled in pool.imap(process_task, _tasks(plans, cfg, spool)):
+    for plan_index, results, skipped, spooled in pool.imap(process_task, slice_tasks(plans, cfg, spool)):
         plan = plans[plan_index]
         for item in skipped:
             if item.path not in reported:  # a multi-frame file can span several tasks

@@ -31,11 +31,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
+from tfgan_ct.fileio import default_mode
 from tfgan_ct.protowire import field, varint
 
 FORMAT = "tfgan-ct-shards"
@@ -210,7 +214,7 @@ class ShardWriter:
         return self.shards
 
     def _name(self) -> str:
-        return f"{self.split}-{self.modality}-{len(self.shards):05d}.tfrecord"
+        return shard_name(self.split, self.modality, len(self.shards))
 
     def _finish(self) -> None:
         self._writer.close()
@@ -221,6 +225,11 @@ class ShardWriter:
                             "sha256": file_sha256(final)})
 
 
+def shard_name(split: str, modality: str, index: int) -> str:
+    """File name of shard number `index` (from 0) of one split and modality."""
+    return f"{split}-{modality}-{index:05d}.tfrecord"
+
+
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -228,3 +237,41 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def framed(record: bytes) -> list[bytes]:
+    """One serialised record in TFRecord framing, as the pieces of the file: length
+    (uint64 little-endian), masked CRC-32C of the length, the record, masked CRC-32C
+    of the record. The same bytes as `tf.io.TFRecordWriter` writes, without TensorFlow
+    (CRC-32C from `google-crc32c`, part of the beam extra)."""
+    length = struct.pack("<Q", len(record))
+    return [length, struct.pack("<I", _masked_crc32c(length)), record, struct.pack("<I", _masked_crc32c(record))]
+
+
+def _masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of `data` (uint32)."""
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def write_shard(path: Path, modality: str, records: Iterable[bytes]) -> dict:
+    """Write `records` as one complete shard at `path` without TensorFlow (under a temporary
+    name, renamed when complete); its manifest entry, as `ShardWriter.close` gives them."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    digest, count = hashlib.sha256(), 0
+    try:
+        os.fchmod(fd, default_mode(0o666))
+        with os.fdopen(fd, "wb") as f:
+            for record in records:
+                for piece in framed(record):
+                    digest.update(piece)
+                    f.write(piece)
+                count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return {"file": path.name, "modality": modality, "records": count, "sha256": digest.hexdigest()}
