@@ -112,3 +112,16 @@ def test_an_export_whose_scale_is_not_a_number_is_refused(tiny_export, tmp_path)
     (bad / "tfgan_ct.json").write_text(json.dumps({**meta, "scale": "four"}))
     with pytest.raises(inference.InferenceError, match=r"'scale' in its tfgan_ct.json is 'four'"):
         inference.load(str(bad))
+
+
+def test_auto_tile_runs_whole_images_that_fit_and_tiles_the_rest():
+    per_pixel = inference.BYTES_PER_LR_PIXEL
+    assert inference.auto_tile(512, 512, budget=512 * 512 * per_pixel) == 0
+    tile = inference.auto_tile(512, 512, budget=300 * 300 * per_pixel)
+    assert tile in inference.AUTO_TILES and (tile + 32) ** 2 * per_pixel <= 300 * 300 * per_pixel
+    assert inference.auto_tile(4096, 4096, budget=1) == inference.AUTO_TILES[-1]
+    assert inference.auto_tile(64, 64) == 0          # a small slice is never tiled on this machine
+    lr = np.random.default_rng(1).random((24, 20), np.float32)
+    method = inference.bicubic()
+    np.testing.assert_array_equal(inference.upscale_image(method, lr, tile=None),
+                                  inference.upscale_image(method, lr, tile=0))

@@ -9,7 +9,7 @@ prints, for LR slices of --lr-size (default 128 -> 512):
 
 - the single-precision matrix-multiply peak measured here (GFLOP/s), the baseline;
 - untiled: slices/s, achieved GFLOP/s (36 MFLOP per LR pixel) and its fraction of peak;
-- tiled with --tile/--tile-pad, and with the `upscale` default tile: the same,
+- tiled with --tile/--tile-pad, and with the `upscale` default (`--tile auto`) when that tiles: the same,
   and the cost against untiled;
 - peak resident memory of one untiled and one tiled slice, each in its own process.
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import matmul_peak, numpy_matmul_peak  # noqa: E402
 
-DEFAULT_TILE, DEFAULT_PAD = 256, 16  # the `tfgan-ct upscale` defaults
+DEFAULT_PAD = 16  # the `tfgan-ct upscale` default; its default tile is `auto` (inference.auto_tile)
 
 
 def export_paper_generator(folder: Path) -> Path:
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
 
     import numpy as np
 
-    from tfgan_ct.deploy.inference import saved_model, tiles
+    from tfgan_ct.deploy.inference import auto_tile, available_memory, saved_model, tiles
     from tfgan_ct.model.generator import flops_per_lr_pixel
 
     tf_peak, np_peak = matmul_peak(), numpy_matmul_peak()
@@ -92,10 +92,12 @@ def main(argv=None) -> None:
         print(f"matrix-multiply peak (float32, 2048^2): {tf_peak:6.1f} GFLOP/s TensorFlow, {np_peak:.1f} "
               f"GFLOP/s NumPy; fractions below are of {peak:.1f}")
         modes = [("untiled", 0, 0), (f"tile {args.tile}, pad {args.tile_pad}", args.tile, args.tile_pad)]
-        if DEFAULT_TILE < args.lr_size:
-            modes.append((f"default tile {DEFAULT_TILE}, pad {DEFAULT_PAD}", DEFAULT_TILE, DEFAULT_PAD))
+        default = auto_tile(args.lr_size, args.lr_size)
+        if 0 < default < args.lr_size:
+            modes.append((f"default (--tile auto): tile {default}, pad {DEFAULT_PAD}", default, DEFAULT_PAD))
         else:
-            print(f"(the upscale default tile {DEFAULT_TILE} covers a {args.lr_size} slice whole: no tiling)")
+            print(f"(the upscale default --tile auto runs a {args.lr_size} slice whole here, with "
+                  f"{(available_memory() or 0) / 2**30:.1f} GiB available: the untiled line is the default)")
         base = None
         for name, tile, pad in modes:
             seconds = seconds_per_slice(method, lr, tile, pad, args.slices)

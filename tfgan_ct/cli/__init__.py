@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tfgan_ct.cli.options import config_options
+from tfgan_ct.cli.options import TILE, config_options
 from tfgan_ct.stages import CT_MODALITIES, NATURAL, STAGES
 from tfgan_ct.version import __version__
 
@@ -360,8 +360,9 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
 @click.option("--outside-window", type=click.Choice(["bicubic", "clip"]), default="bicubic",
               show_default=True, help="Pixels outside the window: bicubic HU, or the model clipped.")
 @_MODELS_DIR
-@click.option("--tile", type=click.IntRange(min=0), default=256, show_default=True,
-              help="LR tile size, bounding memory for any image size (0: whole image at once).")
+@click.option("--tile", type=TILE, default="auto", show_default=True,
+              help="LR tile size, bounding memory (0: whole image; auto: whole when it fits in half the "
+                   "free memory, else the largest tile that does).")
 @_TILE_PAD
 @click.option("--overwrite", is_flag=True,
               help="Replace series folders this command wrote (never one holding an input or other files).")

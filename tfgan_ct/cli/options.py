@@ -20,3 +20,24 @@ def config_options(fn):
         cfg = load_config(config_file, overrides)
         return fn(*args, cfg=cfg, **kwargs)
     return wrapper
+
+
+class TileType(click.ParamType):
+    """--tile: `auto` (None: whole images when they fit in memory, see inference.auto_tile) or an
+    LR tile size in pixels (0: whole images)."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value.lower() == "auto"):
+            return None
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected auto or a tile size in LR pixels, got {value!r}", param, ctx)
+        if number < 0:
+            self.fail(f"tile size must be >= 0, got {number}", param, ctx)
+        return number
+
+
+TILE = TileType()

@@ -8,7 +8,11 @@ behind a TensorFlow Serving REST endpoint (``--server URL``), or ``bicubic``
 (`tfgan_ct.data.resize`).
 
 Tiled inference (`upscale_image` with ``tile > 0``) bounds memory for any
-image size, as Real-ESRGAN's ``--tile``/``--tile_pad``: each ``tile`` x
+image size, as Real-ESRGAN's ``--tile``/``--tile_pad``; ``tile=None``
+(`tfgan-ct upscale --tile auto`, the default) runs an image whole when its
+estimated memory fits in half of the memory available now, and otherwise in
+the largest tile that does (`auto_tile`): tiles cost time (+24 % for a 512
+slice in 256 tiles, `docs/benchmarks.md`), so they are used only when needed. each ``tile`` x
 ``tile`` LR piece runs with ``pad`` LR pixels of context (clipped at the
 border) and only its own part of the output is kept. Tiles equal the whole
 image where ``pad`` covers the receptive field (about 350 LR pixels for the
@@ -176,14 +180,43 @@ def tiles(height: int, width: int, tile: int, pad: int) -> list[tuple[tuple[int,
     return plan
 
 
-def upscale_image(method: Method, lr: np.ndarray, tile: int = 0, pad: int = 16,
+# Resident memory of one whole-image call of the paper network per LR pixel (bytes): 6.8 GB for
+# a 512x512 slice, measured with tools/bench_infer.py (the 2048x2048x64 HR activations dominate).
+BYTES_PER_LR_PIXEL = 26_000
+AUTO_TILES = (512, 384, 256, 192, 128, 96, 64)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def auto_tile(height: int, width: int, budget: int | None = None) -> int:
+    """The tile `tile=None` uses for an LR image of height x width: 0 (whole) when its estimated
+    memory (BYTES_PER_LR_PIXEL each) fits in `budget` bytes (default: half of the memory available
+    now; 4 GiB where that is unknown), else the largest of AUTO_TILES that fits (at least 64)."""
+    if budget is None:
+        free = available_memory()
+        budget = free // 2 if free else 4 << 30
+    if height * width * BYTES_PER_LR_PIXEL <= budget:
+        return 0
+    return next((t for t in AUTO_TILES if (t + 32) ** 2 * BYTES_PER_LR_PIXEL <= budget), AUTO_TILES[-1])
+
+
+def upscale_image(method: Method, lr: np.ndarray, tile: int | None = 0, pad: int = 16,
                   batch: int = 4) -> np.ndarray:
     """Super-resolve one LR image.
 
     Args:
         method: the SR method.
         lr: float32 [h, w] in [0, 1].
-        tile: LR tile size; 0 runs the whole image at once.
+        tile: LR tile size; 0 runs the whole image at once; None chooses (`auto_tile`).
         pad: LR pixels of context around each tile.
         batch: tiles of equal size run together, up to this many.
 
@@ -194,6 +227,8 @@ def upscale_image(method: Method, lr: np.ndarray, tile: int = 0, pad: int = 16,
     if lr.ndim != 2:
         raise ValueError(f"expected one [h, w] image, got shape {lr.shape}")
     s = method.scale
+    if tile is None:
+        tile = auto_tile(*lr.shape) if method.name != BICUBIC else 0
     if tile <= 0 or (lr.shape[0] <= tile and lr.shape[1] <= tile):
         return method.predict(lr[None, :, :, None])[0, :, :, 0]
     out = np.empty((lr.shape[0] * s, lr.shape[1] * s), np.float32)

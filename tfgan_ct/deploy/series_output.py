@@ -73,7 +73,7 @@ class UpscaleOptions:
     method: inference.Method
     window: Window                  # HU window the model works in
     outside: str = "bicubic"        # pixels outside the window: "bicubic" HU or "clip" (the model's)
-    tile: int = 0                   # LR tile size (0: whole image)
+    tile: int | None = 0            # LR tile size (0: whole image, None: inference.auto_tile)
     tile_pad: int = 16              # LR pixels of context around each tile
     fmt: str = "dicom"              # one of FORMATS
     overwrite: bool = False         # replace series folders upscale wrote
@@ -104,7 +104,7 @@ def skip(summary: Summary, item: dicom_io.Skipped) -> None:
 
 
 def super_resolve_hu(method: inference.Method, hu: np.ndarray, window: Window, outside: str = "bicubic",
-                     tile: int = 0, tile_pad: int = 16) -> np.ndarray:
+                     tile: int | None = 0, tile_pad: int = 16) -> np.ndarray:
     """HU image [h, w] -> float32 HU [4h, 4w] through the model's [0, 1] window.
 
     Raises ValueError when the model's output is not finite (a diverged model), before clipping

@@ -60,7 +60,7 @@ class PacsOptions:
     interval: float = 30.0          # --watch: time between searches
     uncertainty: bool = False       # also store the flip-spread series
     dry_run: bool = False           # list what would be done, change nothing
-    tile: int = 256                 # LR tile size of inference (0: whole image)
+    tile: int | None = None         # LR tile size of inference (0: whole image, None: auto)
     tile_pad: int = 16
     outside: str = "bicubic"        # pixels outside the model's window (see UpscaleOptions)
     chunk: int = 16                 # instances per STOW-RS request
