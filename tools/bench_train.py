@@ -12,7 +12,12 @@ Prints, for the paper configuration (23 RRDB blocks, 64/32 channels):
 - full GAN steps (G + D + VGG19 perceptual loss): patches/s and achieved GFLOP/s
   counting the generator's work only (a lower bound);
 - peak resident memory of one GAN step at --memory-batch (paper: 16), measured in
-  a separate process.
+  a separate process;
+- when PyTorch is installed (`pip install torch --index-url
+  https://download.pytorch.org/whl/cpu`; a benchmark tool, not a dependency):
+  the same generator-only step of the same network in PyTorch (BasicSR's
+  RRDBNet: 23 blocks, 64/32, one channel; L1 loss, Adam), timed in the same
+  interleaved rounds, and the ratio of the two speeds.
 
 `--plain` measures the plain ESRGAN layers (`build_generator(fast=False)`)
 instead of the default fused forms of `tfgan_ct.model.fast_layers`.
@@ -142,6 +147,79 @@ def time_steps(step, batch, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def torch_step_function(batch: int, lr_size: int):
+    """A PyTorch generator-only training step of the paper network (BasicSR's RRDBNet, L1, Adam)
+    on one fixed batch, warmed up; None when torch is not installed."""
+    try:
+        import torch
+        from torch import nn
+    except ImportError:
+        return None
+
+    def conv(cin: int, cout: int) -> nn.Conv2d:
+        return nn.Conv2d(cin, cout, 3, 1, 1)
+
+    class RDB(nn.Module):
+        def __init__(self, nf=64, gc=32):
+            super().__init__()
+            self.convs = nn.ModuleList([conv(nf + i * gc, gc) for i in range(4)] + [conv(nf + 4 * gc, nf)])
+            self.act = nn.LeakyReLU(0.2, inplace=True)
+
+        def forward(self, x):
+            features = [x]
+            for layer in self.convs[:4]:
+                features.append(self.act(layer(torch.cat(features, 1))))
+            return self.convs[4](torch.cat(features, 1)) * 0.2 + x
+
+    class RRDB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(RDB(), RDB(), RDB())
+
+        def forward(self, x):
+            return self.blocks(x) * 0.2 + x
+
+    class RRDBNet(nn.Module):
+        def __init__(self, blocks=23, nf=64):
+            super().__init__()
+            self.conv_first, self.body = conv(1, nf), nn.Sequential(*[RRDB() for _ in range(blocks)])
+            self.conv_body, self.up1, self.up2 = conv(nf, nf), conv(nf, nf), conv(nf, nf)
+            self.conv_hr, self.conv_last = conv(nf, nf), conv(nf, 1)
+            self.act = nn.LeakyReLU(0.2, inplace=True)
+
+        def forward(self, x):
+            x = self.conv_first(x)
+            x = x + self.conv_body(self.body(x))
+            x = self.act(self.up1(nn.functional.interpolate(x, scale_factor=2, mode="nearest")))
+            x = self.act(self.up2(nn.functional.interpolate(x, scale_factor=2, mode="nearest")))
+            return self.conv_last(self.act(self.conv_hr(x)))
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    net = RRDBNet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.99))
+    lr = torch.rand(batch, 1, lr_size, lr_size)
+    hr = torch.rand(batch, 1, 4 * lr_size, 4 * lr_size)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.l1_loss(net(lr), hr)
+        loss.backward()
+        optimizer.step()
+        return float(loss)
+
+    step()
+    return step
+
+
+def time_torch(step, steps: int) -> float:
+    """Seconds per call of the PyTorch `step` over `steps` calls."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
 def memory_mode(batch: int, lr_size: int, fast: bool) -> None:
     """Child process: one GAN step, then print peak RSS in MiB."""
     model, data = build(batch, lr_size, fast=fast)
@@ -173,12 +251,15 @@ def main(argv=None) -> None:
           f"(HR {4 * args.lr_size}); paper network (23 RRDB, 64/32, {'plain' if args.plain else 'fused'} layers); "
           f"best of {args.rounds} rounds")
     g_step = step_function(model, batch, gan=False, jit=args.jit)
-    best = {"tf": 0.0, "numpy": 0.0, "conv": 0.0, "step": float("inf")}
+    torch_step = torch_step_function(args.batch, args.lr_size)
+    best = {"tf": 0.0, "numpy": 0.0, "conv": 0.0, "step": float("inf"), "torch": float("inf")}
     for _ in range(args.rounds):  # interleaved, best of each (see the module docstring)
         best["tf"] = max(best["tf"], matmul_peak())
         best["numpy"] = max(best["numpy"], numpy_matmul_peak())
         best["conv"] = max(best["conv"], conv_ceiling(args.batch, args.lr_size))
         best["step"] = min(best["step"], time_steps(g_step, batch, args.steps))
+        if torch_step is not None:
+            best["torch"] = min(best["torch"], time_torch(torch_step, args.steps))
     peak = max(best["tf"], best["numpy"])  # fractions are taken of the higher one
     gflops = train_flop / best["step"] / 1e9
     print(f"matrix-multiply peak (float32, 2048^2)   : {best['tf']:7.1f} GFLOP/s TensorFlow, "
@@ -189,6 +270,14 @@ def main(argv=None) -> None:
           f"{args.batch / best['step']:6.2f} patches/s, {gflops:6.1f} GFLOP/s = {gflops / peak:5.1%} of peak "
           f"({gflops / best['tf']:5.1%} of TensorFlow's matmul), {gflops / best['conv']:5.1%} of the "
           f"convolution ceiling")
+    if torch_step is None:
+        print("the same step in PyTorch                : torch not installed (pip install torch --index-url "
+              "https://download.pytorch.org/whl/cpu)")
+    else:
+        import torch
+
+        print(f"the same step in PyTorch {torch.__version__:14s}: {best['torch']:6.2f} s/step; tfgan-ct/PyTorch "
+              f"speed ratio {best['torch'] / best['step']:.2f} (>= 1: tfgan-ct at least as fast)")
     gan_step = step_function(model, batch, gan=True, jit=args.jit)
     seconds = time_steps(gan_step, batch, args.steps)
     gflops = train_flop / seconds / 1e9
