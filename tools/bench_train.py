@@ -206,7 +206,7 @@ def torch_step_function(batch: int, lr_size: int):
         loss = nn.functional.l1_loss(net(lr), hr)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     step()
     return step
