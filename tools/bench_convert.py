@@ -1,6 +1,13 @@
 """Benchmark `tfgan-ct convert` on 512x512 phantom slices against a plain pydicom read.
 
     python tools/bench_convert.py [--patients 4] [--size 512] [--workers 2]
+    python tools/bench_convert.py --real ../shared/data/dicom/head-ncct/pydicom-data_693_UNCR.dcm \
+        --patients 40 --slices 28
+
+With `--real FILE` the input is not the phantom but one real uncompressed CT
+slice written as --patients studies of --slices slices each (new patient IDs
+and UIDs, consecutive positions; same pixels): the measurement the speed goal
+of `convert` is stated for (40 x 28 real 512x512 head CT slices).
 
 Prints slices/s for (a) reading and decoding every file with plain pydicom in
 one process, the baseline, and (b) the whole conversion (header pass,
@@ -31,12 +38,43 @@ def plain_pydicom(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+def copy_real(source: Path, out: Path, patients: int, slices: int) -> None:
+    """Write `source` (one real CT slice) as `patients` studies of `slices` slices: new patient IDs
+    and UIDs, positions 5 mm apart, the pixels unchanged."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    position = [float(v) for v in ds.get("ImagePositionPatient", [0, 0, 0])]
+    for p in range(patients):
+        ds.PatientID, ds.PatientName = f"BENCH{p:03d}", f"Bench^{p:03d}"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        folder = out / f"patient{p:03d}"
+        folder.mkdir(parents=True)
+        for i in range(slices):
+            ds.SOPInstanceUID = generate_uid()
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.InstanceNumber = i + 1
+            ds.ImagePositionPatient = [position[0], position[1], position[2] + 5.0 * i]
+            ds.SliceLocation = position[2] + 5.0 * i
+            ds.save_as(folder / f"IM{i + 1:05d}.dcm")
+
+
+def pydicom_size(path: Path) -> str:
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return f"{ds.Rows}x{ds.Columns}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--patients", type=int, default=4)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=2, help="conversions to time (best is kept)")
+    parser.add_argument("--real", type=Path, default=None, help="a real CT slice to copy instead of the phantom")
+    parser.add_argument("--slices", type=int, default=28, help="--real: slices per patient")
     args = parser.parse_args(argv)
 
     import tensorflow  # noqa: F401 - import outside the timed region
@@ -47,8 +85,12 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_dataset(tmp / "dicom", n_patients=args.patients, seed=0, size=args.size)
+        if args.real:
+            copy_real(args.real, tmp / "dicom", args.patients, args.slices)
+        else:
+            make_dataset(tmp / "dicom", n_patients=args.patients, seed=0, size=args.size)
         files = sorted((tmp / "dicom").rglob("*.dcm"))
+        size = pydicom_size(files[0])
         plain_pydicom(files[:20])  # warm the file cache
         base = min(plain_pydicom(files) for _ in range(2))
         times = []
@@ -59,8 +101,9 @@ def main(argv=None) -> None:
             times.append(time.perf_counter() - start)
         best = min(times)
         n = len(files)
-        print(f"{n} slices of {args.size}x{args.size}, {args.patients} patients, "
-              f"{args.workers} worker(s), {os.cpu_count()} core(s)")
+        print(f"{n} slices of {size}, {args.patients} patients "
+              f"({'copies of ' + args.real.name if args.real else 'phantom'}), {args.workers} worker(s), "
+              f"{os.cpu_count()} core(s)")
         print(f"plain pydicom read+decode (1 process): {n / base:8.1f} slices/s")
         print(f"tfgan-ct convert end to end          : {n / best:8.1f} slices/s "
               f"(best of {args.repeats}: {', '.join(f'{t:.2f}' for t in times)} s)")
