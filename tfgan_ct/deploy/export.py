@@ -103,15 +103,21 @@ def _layers(model: keras.layers.Layer):
 
 
 def float32_copy(model: keras.Model) -> keras.Model:
-    """`model` itself when every layer computes in float32; otherwise a float32 copy of it.
-
-    The copy is a clone of the functional model built under the float32 policy
-    (nested layers too), holding the same weights under the same variable paths,
-    so an export of it warm-starts by name like one of the original. Serving a
-    mixed_float16 network in float16 overflows (RRDB features exceed 65504).
-    """
+    """`model` itself when every layer computes in float32; otherwise a float32 copy of it
+    (`float32_clone`) holding the same weights. Serving a mixed_float16 network in float16
+    overflows (RRDB features exceed 65504)."""
     if all(layer.compute_dtype == "float32" for layer in _layers(model)):
         return model
+    copy = float32_clone(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def float32_clone(model: keras.Model) -> keras.Model:
+    """A clone of the functional `model` built under the float32 policy (nested layers too), with
+    its own, freshly initialised variables under the same variable paths, so that weights (and an
+    export of it) match the original's by name. ExportError when a layer of the clone still
+    computes in another dtype or the paths differ."""
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
@@ -120,7 +126,6 @@ def float32_copy(model: keras.Model) -> keras.Model:
                                                                               "dtype": "float32"}))
     finally:
         keras.mixed_precision.set_global_policy(policy)
-    copy.set_weights(model.get_weights())
     mixed = [layer.name for layer in _layers(copy) if layer.compute_dtype != "float32"]
     paths, here = [v.path for v in copy.variables], [v.path for v in model.variables]
     if mixed:

@@ -124,27 +124,8 @@ def assign_by_path(model: keras.Model, prefix: str, stored) -> None:
         variable.assign(stored[f"{prefix}:{variable.path}"])
 
 
-def shadow_copy(model: keras.Model) -> keras.Model:
-    """A float32 copy of `model` with its own variables (same layers and variable paths, fresh weights).
-
-    Call it outside the strategy's scope: it holds the weights being
-    validated or exported (moving average, best) without touching training's.
-    """
-    policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        copy = keras.models.clone_model(
-            model, clone_function=lambda layer: layer.__class__.from_config({**layer.get_config(),
-                                                                              "dtype": "float32"}))
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
-    if [v.path for v in copy.variables] != [v.path for v in model.variables]:
-        raise RuntimeError(f"copy of {model.name}: variable paths differ from the original's")
-    return copy
-
-
 def load_ema(shadow: keras.Model, generator: keras.Model, averages: list) -> None:
-    """Set `shadow` (a `shadow_copy` of `generator`) to the moving averages of G's trainable
+    """Set `shadow` (an `export.float32_clone` of `generator`) to the moving averages of G's trainable
     variables (`averages`, in `generator.trainable_variables` order) and G's other variables."""
     average = {v.path: a for v, a in zip(generator.trainable_variables, averages)}
     current = {v.path: v for v in generator.variables}

@@ -37,7 +37,7 @@ from tfgan_ct.training.callbacks import StepWatcher, score, validation_slices
 from tfgan_ct.training.collapse import CollapseGuard
 from tfgan_ct.training.distribute import best_dir, checkpoint_dir, choose_strategy, is_chief, worker_position
 from tfgan_ct.training.run import Run, TrainingError, TrainResult
-from tfgan_ct.training.selection import PHASES, BestWeights, load_ema, shadow_copy
+from tfgan_ct.training.selection import PHASES, BestWeights, load_ema
 
 log = logging.getLogger("tfgan_ct.training.train")
 
@@ -180,7 +180,7 @@ def _train(run: Run) -> TrainResult:
     resumed = _start_from(run, model, checkpoint, manager)
     best.forget_after(resumed)
     # Holds G's moving average for validation and export (outside the strategy's scope).
-    shadow = shadow_copy(model.generator) if tc.ema_decay > 0 else None
+    shadow = export.float32_clone(model.generator) if tc.ema_decay > 0 else None
     _run_phases(run, model, manager, StepWatcher(model, manager, run, tc.l1_phase.steps + tc.gan_phase.steps,
                                                  best, guard, shadow))
     steps = int(model.step.numpy())
@@ -279,7 +279,7 @@ def _chosen_weights(run: Run, model: TransferGAN, steps: int, best: BestWeights,
     generator, discriminator, step = model.generator, model.discriminator, steps
     if choice == "best":
         phase = 1 if steps > tc.l1_phase.steps else 0
-        generator, discriminator = shadow_copy(model.generator), shadow_copy(model.discriminator)
+        generator, discriminator = export.float32_clone(model.generator), export.float32_clone(model.discriminator)
         try:
             record = best.restore(phase, generator, discriminator)
         except FileNotFoundError as exc:
