@@ -22,6 +22,7 @@ its own subset of shard files and batches `global_batch / replicas`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -57,6 +58,12 @@ def load_manifest(data_dir: str | Path) -> dict:
         raise DataError(f"{path}: dataset format version {manifest['format_version']} is newer than "
                         f"this tfgan-ct reads ({FORMAT_VERSION}); upgrade tfgan-ct")
     return manifest
+
+
+def manifest_sha256(manifest: dict) -> str:
+    """SHA-256 (hex) of a dataset's manifest as loaded, keys sorted: how exports and model cards
+    name the data they were trained or scored on."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def shard_files(data_dir: str | Path, split: str, modality: str, manifest: dict | None = None) -> list[str]:

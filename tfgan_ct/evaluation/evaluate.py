@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import hashlib
 import io
 import json
 import logging
@@ -244,10 +243,11 @@ def update_model_cards(methods: list[inference.Method], table: dict, data_dir: s
     """Write this evaluation into the MODEL_CARD.md of every evaluated export (methods loaded from
     an export folder); returns the cards written. The card's hash changes with it: derived images
     made before name the card as it was then."""
+    from tfgan_ct.data.pipeline import DataError, load_manifest, manifest_sha256
+
     try:
-        manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
-        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-    except (OSError, ValueError):
+        digest = manifest_sha256(load_manifest(data_dir))
+    except DataError:
         digest = None
     section = (f"Scored with `tfgan-ct evaluate` on {_today()} (dataset manifest SHA-256 "
                f"{f'`{digest}`' if digest else 'not recorded'}):\n\n{markdown(table)}")

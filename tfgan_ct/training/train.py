@@ -308,7 +308,7 @@ def _export(run: Run, model: TransferGAN, steps: int, best: BestWeights, guard: 
     parent_meta = export.read_metadata(run.parent) if run.parent else {}
     meta = {**chosen, "parent": parent_meta.get("stage"), "parent_version": parent_meta.get("version"),
             "parent_path": str(run.parent) if run.parent else None, "steps": steps, "modality": run.stage,
-            "data_manifest_sha256": hashlib.sha256(json.dumps(run.manifest, sort_keys=True).encode()).hexdigest(),
+            "data_manifest_sha256": pipeline.manifest_sha256(run.manifest),
             "data_counts": run.manifest.get("counts"),  # numbers only (records, slices, patients, series)
             "config": run.cfg.to_dict()}
     if not is_chief(run.strategy):  # every worker must save; only the chief's export is kept
