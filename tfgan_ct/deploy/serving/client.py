@@ -29,9 +29,7 @@ def predict(url: str, model: str, lr: np.ndarray, signature: str = "serving_defa
     newest served version. Raises ServingError naming the URL when the server
     cannot be reached, answers with an error, or returns another shape.
     """
-    lr = np.asarray(lr, np.float32)
-    if lr.ndim != 4 or lr.shape[-1] != 1 or 0 in lr.shape:
-        raise ValueError(f"lr must be [batch, height, width, 1], got shape {lr.shape}")
+    lr = lr_batch(lr)
     endpoint = f"{url.rstrip('/')}/v1/models/{model}" + (f"/versions/{int(version)}" if version is not None else "")
     body = {"signature_name": signature}
     if request_format == "inputs":
@@ -51,9 +49,22 @@ def predict(url: str, model: str, lr: np.ndarray, signature: str = "serving_defa
         sr = np.asarray(result, np.float32)
     except (TypeError, ValueError):
         raise ServingError(f"{endpoint}:predict: the answer is not a numeric array") from None
+    return checked_answer(sr, lr, f"{endpoint}:predict")
+
+
+def lr_batch(lr) -> np.ndarray:
+    """`lr` as float32 [b, h, w, 1] (what both transports send); ValueError for another shape."""
+    lr = np.asarray(lr, np.float32)
+    if lr.ndim != 4 or lr.shape[-1] != 1 or 0 in lr.shape:
+        raise ValueError(f"lr must be [batch, height, width, 1], got shape {lr.shape}")
+    return lr
+
+
+def checked_answer(sr: np.ndarray | None, lr: np.ndarray, where: str) -> np.ndarray:
+    """`sr` when it is the [b, 4h, 4w, 1] answer to `lr` [b, h, w, 1]; else ServingError naming `where`."""
     expected = (lr.shape[0], SCALE * lr.shape[1], SCALE * lr.shape[2], 1)
-    if sr.shape != expected:
-        raise ServingError(f"{endpoint}:predict returned shape {sr.shape}, expected {expected}")
+    if sr is None or sr.shape != expected:
+        raise ServingError(f"{where} returned shape {None if sr is None else sr.shape}, expected {expected}")
     return sr
 
 

@@ -19,9 +19,9 @@ import numpy as np
 
 import tfgan_ct.deploy.serving.messages as messages
 from tfgan_ct.deploy.layout import SIGNATURES
+from tfgan_ct.deploy.serving.client import checked_answer, lr_batch
 from tfgan_ct.deploy.serving.errors import ServingError
 
-SCALE = 4
 SCHEMES = ("grpc", "grpcs")
 RETRIES = (0.5, 1.0, 2.0, 4.0)     # seconds before each retry on UNAVAILABLE
 _OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -55,8 +55,7 @@ def _call(url: str, method: str, request: bytes, timeout: float, what: str, slee
         try:
             return stub(request, timeout=timeout)
         except grpc.RpcError as exc:
-            code, details = exc.code(), (exc.details() or "").splitlines()[0:1]
-            detail = details[0] if details else ""
+            code, detail = exc.code(), next(iter((exc.details() or "").splitlines()), "")
             if code == grpc.StatusCode.UNAVAILABLE and delay is not None:
                 sleep(delay)
                 continue
@@ -86,9 +85,7 @@ def predict(url: str, model: str, lr: np.ndarray, signature: str = "serving_defa
     Raises ServingError naming the server when it cannot be reached, refuses the request or
     answers with another shape.
     """
-    lr = np.asarray(lr, np.float32)
-    if lr.ndim != 4 or lr.shape[-1] != 1 or 0 in lr.shape:
-        raise ValueError(f"lr must be [batch, height, width, 1], got shape {lr.shape}")
+    lr = lr_batch(lr)
     names = SIGNATURES.get(signature, ("lr", "sr"))
     spec = messages.ModelSpec(model, version, signature)
     what = f"Predict {model}" + (f" version {version}" if version is not None else "")
@@ -97,12 +94,8 @@ def predict(url: str, model: str, lr: np.ndarray, signature: str = "serving_defa
         outputs = messages.decode_predict_response(answer)
     except ValueError as exc:
         raise ServingError(f"{url}: {what}: unreadable answer ({exc})") from None
-    sr = outputs.get(names[1], next(iter(outputs.values()), None)) if len(outputs) != 1 else \
-        next(iter(outputs.values()))
-    expected = (lr.shape[0], SCALE * lr.shape[1], SCALE * lr.shape[2], 1)
-    if sr is None or sr.shape != expected:
-        raise ServingError(f"{url}: {what} returned shape {None if sr is None else sr.shape}, expected {expected}")
-    return sr
+    sr = outputs[names[1]] if names[1] in outputs else next(iter(outputs.values()), None)
+    return checked_answer(sr, lr, f"{url}: {what}")
 
 
 def model_status(url: str, model: str, version: int | None = None, timeout: float = 10.0) -> dict:

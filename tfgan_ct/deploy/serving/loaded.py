@@ -46,6 +46,16 @@ class RequestError(Exception):
         self.status = status
 
 
+def find_model(models: dict[str, LoadedModel], name: str, version: int | None) -> LoadedModel:
+    """The served model `name` (at `version`, None: the newest); RequestError (NOT_FOUND, in
+    TF Serving's words) when it is not served."""
+    model = models.get(name)
+    if model is None or (version is not None and version != model.version):
+        request = f"Specific({name}, {version})" if version is not None else f"Latest({name})"
+        raise RequestError(HTTPStatus.NOT_FOUND, f"Servable not found for request: {request}")
+    return model
+
+
 def signature(model: LoadedModel, name: str):
     """The concrete function of signature `name`; RequestError (BAD_REQUEST) when there is none."""
     function = model.signatures.get(name)

@@ -19,7 +19,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tfgan_ct.deploy.serving.loaded import LoadedModel, RequestError, load_models, run_signature, signature
+from tfgan_ct.deploy.serving.loaded import (
+    LoadedModel,
+    RequestError,
+    find_model,
+    load_models,
+    run_signature,
+    signature,
+)
 
 _ROUTE = re.compile(r"/v1/models/([^/:]+)(?:/versions/(\d+))?(?::(predict))?")
 
@@ -105,10 +112,7 @@ class _StandinHandler(BaseHTTPRequestHandler):
             if not route:
                 raise RequestError(HTTPStatus.NOT_FOUND, f"Malformed request: {self.command} {self.path}")
             name, version, predict = route.groups()
-            model = self.server.models.get(name)
-            if model is None or (version is not None and int(version) != model.version):
-                request = f"Specific({name}, {version})" if version else f"Latest({name})"
-                raise RequestError(HTTPStatus.NOT_FOUND, f"Servable not found for request: {request}")
+            model = find_model(self.server.models, name, None if version is None else int(version))
             status, answer = HTTPStatus.OK, handle(model, predict)
         except RequestError as exc:
             status, answer = exc.status, {"error": str(exc)}

@@ -16,17 +16,9 @@ from http import HTTPStatus
 import grpc
 
 import tfgan_ct.deploy.serving.messages as messages
-from tfgan_ct.deploy.serving.loaded import LoadedModel, RequestError, run_signature
+from tfgan_ct.deploy.serving.loaded import LoadedModel, RequestError, find_model, run_signature
 
 _CODES = {HTTPStatus.NOT_FOUND: grpc.StatusCode.NOT_FOUND, HTTPStatus.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT}
-
-
-def _model(models: dict[str, LoadedModel], spec: messages.ModelSpec) -> LoadedModel:
-    model = models.get(spec.name)
-    if model is None or (spec.version is not None and spec.version != model.version):
-        request = f"Specific({spec.name}, {spec.version})" if spec.version is not None else f"Latest({spec.name})"
-        raise RequestError(HTTPStatus.NOT_FOUND, f"Servable not found for request: {request}")
-    return model
 
 
 def _handler(models: dict[str, LoadedModel], answer):
@@ -44,14 +36,14 @@ def _handler(models: dict[str, LoadedModel], answer):
 
 def _predict(models: dict[str, LoadedModel], request: bytes) -> bytes:
     spec, inputs = messages.decode_predict_request(request)
-    model = _model(models, spec)
+    model = find_model(models, spec.name, spec.version)
     outputs = run_signature(model, spec.signature, inputs)
     return messages.encode_predict_response(messages.ModelSpec(model.name, model.version, spec.signature), outputs)
 
 
 def _status(models: dict[str, LoadedModel], request: bytes) -> bytes:
     spec = messages.decode_status_request(request)
-    return messages.encode_status_response([(_model(models, spec).version, "AVAILABLE")])
+    return messages.encode_status_response([(find_model(models, spec.name, spec.version).version, "AVAILABLE")])
 
 
 def start(models: dict[str, LoadedModel], host: str = "127.0.0.1", port: int = 0,
