@@ -144,7 +144,7 @@ def fill_series(frames: list[dicom_io.Frame], final: Path, run: Run, uids: Serie
                 left_out.append(_slice_record(index, frame, reason=done))
                 continue
             sr_hu, consistency = done
-            figures.append({"image": index, **consistency.as_dict()})
+            figures.append((index, consistency))
             if fmt == "png":
                 atomic_write_bytes(stage / f"IM{index:05d}.png", _png(sr_hu, run.options.window))
             elif fmt == "npy":
@@ -180,14 +180,13 @@ class _Stages:
     spread: Path | None
 
 
-def _series_trust(figures: list[dict], left_out: list[dict]) -> dict:
-    """The JSON-ready trust figures of a series: combined and per image (HU)."""
-    parts = [trust.LrConsistency(f["mean_hu"] if f["mean_hu"] is not None else float("nan"),
-                                 f["max_hu"] if f["max_hu"] is not None else float("nan"), f["pixels"])
-             for f in figures]
-    combined = trust.combine(parts)
+def _series_trust(figures: list[tuple[int, trust.LrConsistency]], left_out: list[dict]) -> dict:
+    """The JSON-ready trust figures of a series (source image number, its LR consistency): combined
+    and per image (HU)."""
+    combined = trust.combine(consistency for _, consistency in figures)
     return {"images": len(figures), "left_out": len(left_out), "lr_consistency": combined.as_dict(),
-            "summary": trust.summary_text(combined), "per_image": figures}
+            "summary": trust.summary_text(combined),
+            "per_image": [{"image": index, **consistency.as_dict()} for index, consistency in figures]}
 
 
 def _upscale_frame(index: int, frame: dicom_io.Frame, stages: _Stages, run: Run,
