@@ -21,13 +21,14 @@ that `convert` uses, never by UID or patient.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import shutil
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,27 +289,22 @@ def _int(value) -> int:
         return 0
 
 
-class _signals_stop:  # noqa: N801 - used as a context manager, like a function
+@contextlib.contextmanager
+def _signals_stop(stop: threading.Event) -> Iterator[None]:
     """While the block runs, SIGINT and SIGTERM set `stop` (the loop ends between series); a
     second signal interrupts at once. Only in the main thread (signals cannot be caught elsewhere)."""
-
-    def __init__(self, stop: threading.Event) -> None:
-        self.stop = stop
-        self.previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.stop.is_set():
+    def handle(signum, frame) -> None:
+        if stop.is_set():
             raise KeyboardInterrupt
         log.warning("%s received: stopping after the current series (send it again to stop now)",
                     signal.Signals(signum).name)
-        self.stop.set()
+        stop.set()
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
             signal.signal(signum, handler)
