@@ -151,21 +151,33 @@ def series_trust(summary: Summary, options: UpscaleOptions) -> dict:
     return {folder.name: {**summary.trust.get(folder.name, {}), "model": method.description,
                           "model_card_sha256": method.metadata.get("card_sha256"),
                           "window": options.window.as_dict(),
-                          "spread_series": f"{folder.name}_spread" if f"{folder.name}_spread" in spread else None}
+                          "spread_series": name if (name := spread_folder(folder).name) in spread else None}
             for folder in summary.series}
+
+
+def read_report(path: Path) -> dict[str, dict]:
+    """The series entries of an earlier trust report (`write_report`); {} when there is none or
+    it is damaged (it is then replaced)."""
+    try:
+        series = json.loads(path.read_text()).get("series", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return series if isinstance(series, dict) else {}
+
+
+def write_report(path: Path, series: dict[str, dict]) -> None:
+    """Write a trust report (`trust_report.json` of upscale, `pacs_report.json` of pacs) atomically:
+    the tool, what the figures mean, and `series` {name: entry}."""
+    atomic_write_text(path, json.dumps({"tool": f"tfgan-ct {__version__}", "figures": TRUST_FIGURES,
+                                        "series": series}, indent=1) + "\n")
 
 
 def _update_trust_report(path: Path, summary: Summary, options: UpscaleOptions) -> None:
     """Write `out/trust_report.json`: the entries of this run's series over those of earlier runs
-    whose folders still exist (an unreadable old report is replaced)."""
-    try:
-        old = json.loads(path.read_text()).get("series", {})
-    except (OSError, ValueError, AttributeError):
-        old = {}
-    entries = {name: entry for name, entry in old.items() if (path.parent / name).is_dir()}
+    whose folders still exist."""
+    entries = {name: entry for name, entry in read_report(path).items() if (path.parent / name).is_dir()}
     entries.update(series_trust(summary, options))
-    atomic_write_text(path, json.dumps({"tool": f"tfgan-ct {__version__}", "figures": TRUST_FIGURES,
-                                        "series": dict(sorted(entries.items()))}, indent=1) + "\n")
+    write_report(path, dict(sorted(entries.items())))
 
 
 def _mask_hu(method: inference.Method, cfg: Config) -> tuple[float, float]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import shutil
 import signal
@@ -41,9 +40,8 @@ from tfgan_ct.deploy import upscale
 from tfgan_ct.deploy.pacs.catalog import Catalog, Settle, count_text
 from tfgan_ct.deploy.pacs.dicomweb import DicomWebPacs, PacsAuthError, PacsError, SeriesRef
 from tfgan_ct.deploy.pacs.models import Models
-from tfgan_ct.fileio import atomic_write_text, make_staging, remove_stale_staging
+from tfgan_ct.fileio import make_staging, remove_stale_staging
 from tfgan_ct.stages import CT_MODALITIES
-from tfgan_ct.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +78,7 @@ class PacsWorker:
         self.settle = Settle(options.settle, **({"clock": clock} if clock else {}))
         self.stop = threading.Event()
         self.failed: dict[str, int | None] = {}   # series UID -> instance count when it failed
-        self.report: dict[str, dict] = _read_report(self.out / REPORT)
+        self.report: dict[str, dict] = upscale.read_report(self.out / REPORT)
         self._salt = salt_of(cfg)
 
     # ---- the loops -------------------------------------------------------------------------------
@@ -158,7 +156,7 @@ class PacsWorker:
             self.settle.forget(ref.series_uid)
         if entry["status"] != "dry-run":
             self.report[name] = entry
-            self._write_report()
+            upscale.write_report(self.out / REPORT, self.report)
         return entry["status"]
 
     def _process(self, ref: SeriesRef, name: str) -> dict:
@@ -258,24 +256,10 @@ class PacsWorker:
             log.warning("%s: the partly stored derived series could not be deleted (%s); the next run "
                         "stores it again whole, with the same UIDs", name, exc)
 
-    def _write_report(self) -> None:
-        atomic_write_text(self.out / REPORT, json.dumps(
-            {"tool": f"tfgan-ct {__version__}", "figures": upscale.TRUST_FIGURES,
-             "series": self.report}, indent=1) + "\n")
-
 
 def _skip_record(item: dicom_io.Skipped) -> dict:
     """A skipped source image in the report: its file name in staging (index and InstanceNumber)."""
     return {"image": Path(item.path).stem, "code": item.code, "reason": item.reason}
-
-
-def _read_report(path: Path) -> dict[str, dict]:
-    """The series entries of an earlier report (kept across runs); {} when there is none or it is damaged."""
-    try:
-        series = json.loads(path.read_text()).get("series", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return series if isinstance(series, dict) else {}
 
 
 def _now() -> str:
