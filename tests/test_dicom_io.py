@@ -211,3 +211,25 @@ def test_bad_header_does_not_stop_the_header_pass(tmp_path, shared_data):
     assert [f.path for f in frames] == [str(tmp_path / "good.dcm")]
     assert [(s.path, s.reason) for s in skipped] == [(str(tmp_path / "bad.dcm"),
                                                       "unusable header (SamplesPerPixel is empty)")]
+
+
+@pytest.mark.parametrize("dtype,high,intercept,slope,padding,whole", [
+    ("<u2", 4095, -1024.0, None, None, True),     # the usual CT
+    ("<u2", 42767, -10000.0, 1.0, 0, True),       # uint16 values above 32767 that come back into int16
+    ("<i2", 32767, 0.0, None, -2000, True),       # signed, padding
+    ("<i2", 32767, 1.0, None, None, False),       # beyond int16: float
+    ("<u2", 4095, -1024.5, None, None, False),    # fractional intercept: float
+    ("<i2", 4095, -1024.0, 0.5, None, False),     # a slope: float
+])
+def test_whole_number_hu_equal_the_float_hu(dtype, high, intercept, slope, padding, whole):
+    """`read_hu(whole=True)`'s int16 HU (conversion's fast path) are the float32 HU value
+    for value; where they would not be whole or not fit int16 the float32 HU come back."""
+    rng = np.random.default_rng(0)
+    stored = rng.integers(np.iinfo(dtype).min, high, size=(64, 48), endpoint=True).astype(dtype)
+    stored[0, 0] = high
+    if padding is not None:
+        stored[:3] = padding
+    hu = dicom_pixels._to_whole_or_float_hu(stored, slope, intercept, padding, -1500.0)
+    assert hu.dtype == (np.int16 if whole else np.float32)
+    np.testing.assert_array_equal(hu.astype(np.float32),
+                                  dicom_pixels._to_hu(stored, slope, intercept, padding, -1500.0))

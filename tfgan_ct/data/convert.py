@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +242,10 @@ def process_task(task: _Task) -> tuple[int, list[SliceRecords], list[dicom_io.Sk
         frames = [frame for _, _, frame, _, _ in items]
         for n, path in enumerate(candidates):
             layout = items[0][4] if n == 0 else None
-            reader = nifti.read_hu if isinstance(layout, nifti.Volume) else dicom_io.read_hu
+            if isinstance(layout, nifti.Volume):
+                reader = nifti.read_hu
+            else:
+                reader = functools.partial(dicom_io.read_hu, whole=True)
             try:
                 images = reader(path, frames, task.cfg.convert.out_of_field_hu, layout=layout)
             except ValueError as exc:
@@ -271,14 +275,22 @@ def process_task(task: _Task) -> tuple[int, list[SliceRecords], list[dicom_io.Sk
 def prepare_slice(hu: np.ndarray, index: int, spacing, modality: str, cfg: Config) -> SliceResult:
     """Mask one HU slice, crop it to a multiple of the scale, and make its LR.
 
-    hu: float32 HU (H, W). HR: int16 HU with the window floor outside the mask;
-    LR: MATLAB-style bicubic 1/scale of that HR (float32 HU).
+    hu: HU (H, W), float32, or int16 when they are whole numbers (`read_hu(whole=True)`;
+    the same result without the rounding). HR: int16 HU with the window floor outside
+    the mask; LR: MATLAB-style bicubic 1/scale of that HR (float32 HU).
     """
     settings = cfg.modalities.get(modality)
     s = cfg.convert.scale
     hu = hu[: hu.shape[0] - hu.shape[0] % s, : hu.shape[1] - hu.shape[1] % s]
-    mask = brain_mask(hu, settings.mask_hu, cfg.convert.mask)
-    hr = _rounded_int16(hu)
+    if hu.dtype == np.int16:
+        # For whole-number HU, "low <= HU <= high" is "ceil(low) <= HU <= floor(high)",
+        # compared without a float copy of the slice.
+        low, high = settings.mask_hu
+        mask = brain_mask(hu, (math.ceil(low), math.floor(high)), cfg.convert.mask)
+        hr = np.array(hu)
+    else:
+        mask = brain_mask(hu, settings.mask_hu, cfg.convert.mask)
+        hr = _rounded_int16(hu)
     # The same as rounding apply_mask(hu, mask, floor), with one float temporary less.
     np.copyto(hr, _rounded_int16(np.float32(settings.window.floor)), where=~mask)
     lr = resize.downscale(hr, s).astype(np.float32)

@@ -1,5 +1,8 @@
 """Decoding CT pixels to HU: float32 (rows x columns) per frame, padding and
 out-of-field pixels as air, RescaleSlope/Intercept per frame for enhanced CT.
+For conversion, frames whose HU are whole numbers (slope 1, a whole intercept:
+nearly every CT) can come back as int16 HU instead, the same values without the
+float passes (`read_hu(..., whole=True)`).
 
 Each file is parsed once: for uncompressed little-endian 16-bit images (the
 usual CT archive) the header pass notes where the pixels lie (`PixelLayout`),
@@ -71,19 +74,22 @@ def pixel_layout(ds: pydicom.Dataset) -> PixelLayout | None:
 
 
 def read_hu(path: str, frames: list[int], out_of_field_hu: float,
-            layout: PixelLayout | None = None) -> list[np.ndarray]:
+            layout: PixelLayout | None = None, whole: bool = False) -> list[np.ndarray]:
     """Decode frames of one file to HU (float32, rows x columns each).
 
     Padding (PixelPaddingValue) and out-of-field values (at or below
     `out_of_field_hu` after rescaling) become air (-1000 HU). With the file's
     `layout` from the header pass, the pixels are read straight from the file.
+    `whole`: a frame whose HU are whole numbers within int16 comes back as int16
+    HU (equal to the float32 HU; see `_whole_hu`).
     Raises Unusable (a ValueError with a reason code) when the pixels cannot be
     decoded, do not match the header, or give HU that are not finite.
     """
+    to_hu = _to_whole_or_float_hu if whole else _to_hu
     if layout is not None:
         stored = _read_layout(path, layout, frames)
         if stored is not None:
-            return [_to_hu(pixels, *layout.rescale[i], layout.padding, out_of_field_hu)
+            return [to_hu(pixels, *layout.rescale[i], layout.padding, out_of_field_hu)
                     for i, pixels in zip(frames, stored)]
         # the file is not what its header said (e.g. truncated): a full read explains
     ds = read_dataset(path, pixels=True)
@@ -94,7 +100,7 @@ def read_hu(path: str, frames: list[int], out_of_field_hu: float,
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         padding = _as_stored(padding, stack.dtype)
-    return [_to_hu(stack[i], *_rescale(ds, per_frame, shared, i), padding, out_of_field_hu)
+    return [to_hu(stack[i], *_rescale(ds, per_frame, shared, i), padding, out_of_field_hu)
             for i in frames]
 
 
@@ -174,6 +180,40 @@ def _to_hu(stored: np.ndarray, slope, intercept, padding, out_of_field_hu: float
     if padding is not None:
         outside |= stored == padding
     np.copyto(hu, np.float32(AIR_HU), where=outside)  # twice as fast as np.putmask
+    return hu
+
+
+def _to_whole_or_float_hu(stored: np.ndarray, slope, intercept, padding, out_of_field_hu: float) -> np.ndarray:
+    """`_whole_hu` where it applies, else `_to_hu` (float32)."""
+    hu = _whole_hu(stored, slope, intercept, padding, out_of_field_hu)
+    return _to_hu(stored, slope, intercept, padding, out_of_field_hu) if hu is None else hu
+
+
+def _whole_hu(stored: np.ndarray, slope, intercept, padding, out_of_field_hu: float) -> np.ndarray | None:
+    """int16 HU, equal value for value to `_to_hu`'s float32 HU, when those are whole numbers
+    within int16: integer stored values, slope 1 (or none) and a whole intercept. None otherwise.
+
+    The float path is exact for such values (all below 2**24 in magnitude), so the
+    two agree; this one makes no float copies of the slice.
+    """
+    if stored.dtype.kind not in "iu" or stored.dtype.itemsize > 2 or slope not in (None, 1.0):
+        return None
+    shift = 0 if intercept is None else intercept
+    if not math.isfinite(shift) or shift != int(shift) or stored.size == 0:
+        return None
+    shift = int(shift)
+    if int(stored.min()) + shift < -32768 or int(stored.max()) + shift > 32767:
+        return None
+    # int16 arithmetic wraps modulo 2**16; the true sums lie within int16 (checked
+    # above), so the wrapped ones are those sums even where a uint16 value wrapped.
+    hu = stored.astype(np.int16)
+    if shift:
+        hu += np.int16((shift + 32768) % 65536 - 32768)
+    limit = math.floor(out_of_field_hu)
+    outside = hu <= min(limit, 32767) if limit >= -32768 else np.zeros(hu.shape, bool)
+    if padding is not None:
+        outside |= stored == padding
+    np.copyto(hu, np.int16(AIR_HU), where=outside)
     return hu
 
 
