@@ -96,7 +96,6 @@ def _import_beam():
     logging.disable(logging.WARNING)  # Beam's import warns about cloud clients it does not need here
     try:
         import apache_beam
-        import google_crc32c  # noqa: F401 - the shard files' checksums
     except ImportError as exc:
         raise ConvertError(f"--runner beam needs Apache Beam ({exc.name} is not installed): {INSTALL_HINT}") \
             from None

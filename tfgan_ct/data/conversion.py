@@ -26,7 +26,7 @@ import numpy as np
 from tfgan_ct.config import REDACTED_SALT, Config, ConfigError
 from tfgan_ct.data import splits
 from tfgan_ct.data.dicom_files import Skipped
-from tfgan_ct.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, RecordMeta, ShardWriter, encode
+from tfgan_ct.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, RecordMeta, ShardWriter, encode, framed
 from tfgan_ct.errors import TfganError
 from tfgan_ct.fileio import OutputError, atomic_write_text, check_replaceable, staged_directory
 from tfgan_ct.logs import log_to_file
@@ -67,13 +67,15 @@ class SliceResult:
 class SliceRecords:
     """What a worker returns for one slice: its serialised records (none if no brain).
 
-    From a worker process the records may come back through a spool file instead,
-    and `records` then holds their sizes in bytes (see `unspool`).
+    From a worker process the records come back through a spool file instead, in
+    TFRecord framing: `records` then holds their framed sizes in bytes until `unspool`
+    puts back views of the framed bytes and sets `framed`.
     """
 
     slice_index: int
     records: list[bytes] | list[int]
     has_brain: bool
+    framed: bool = False
 
 
 class Source(Protocol):
@@ -303,8 +305,9 @@ class ShardSet:
             self.summary.empty_slices += 1
             return
         self.summary.slices[key] += 1
+        write = self.writers[key].write_framed if result.framed else self.writers[key].write
         for record in result.records:
-            self.writers[key].write(record)
+            write(record)
         self.summary.records[key] += len(result.records)
 
     def close(self) -> dict[str, list[dict]]:
@@ -315,9 +318,29 @@ class ShardSet:
         return shards
 
 
+def spool_records(results: list[SliceRecords], path: str) -> None:
+    """Worker: write the records of `results` to spool file `path` in TFRecord framing
+    (CRCs made here, in parallel), leaving their framed sizes in `records`.
+
+    Megabytes of records sent back through the pool's pipe (pickled, then read in
+    small chunks) cost the main process more CPU than the whole record writing;
+    through a file (read back and deleted at once, so usually never on disk) it is
+    one write here and one read there.
+    """
+    with open(path, "wb") as f:
+        for result in results:
+            sizes = []
+            for record in result.records:
+                pieces = framed(record)
+                f.writelines(pieces)
+                sizes.append(sum(map(len, pieces)))
+            result.records = sizes
+
+
 def unspool(results: list[SliceRecords], path: Path) -> None:
-    """Put back the records that a worker wrote to spool file `path` (and delete the file)."""
-    data = path.read_bytes()
+    """Put back the framed records that a worker wrote to spool file `path` (views of
+    its bytes, no copies) and delete the file."""
+    data = memoryview(path.read_bytes())
     path.unlink()
     offset = 0
     for result in results:
@@ -325,7 +348,7 @@ def unspool(results: list[SliceRecords], path: Path) -> None:
         for size in result.records:
             records.append(data[offset:offset + size])
             offset += size
-        result.records = records
+        result.records, result.framed = records, True
 
 
 # ---------------------------------------------------------------- manifest and log

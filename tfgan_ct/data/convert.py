@@ -34,6 +34,7 @@ from tfgan_ct.data.conversion import (
     run_conversion,
     settings_entry,
     slice_records,
+    spool_records,
     unspool,
 )
 from tfgan_ct.data.masking import brain_mask
@@ -261,14 +262,7 @@ def process_task(task: _Task) -> tuple[int, list[SliceRecords], list[dicom_io.Sk
     results.sort(key=lambda r: r.slice_index)
     spooled = task.spool is not None and any(result.records for result in results)
     if spooled:
-        # Megabytes of records sent back through the pool's pipe (pickled, then read in
-        # small chunks) cost the main process more CPU than the whole record writing;
-        # through a file (read back and deleted at once, so usually never on disk) it is
-        # one write here and one read there.
-        with open(task.spool, "wb") as f:
-            for result in results:
-                f.writelines(result.records)
-                result.records = [len(r) for r in result.records]
+        spool_records(results, task.spool)
     return task.plan_index, results, skipped, task.spool if spooled else None
 
 
@@ -308,16 +302,15 @@ def _rounded_int16(hu: np.ndarray) -> np.ndarray:
 def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summary: Summary,
                  progress: bool) -> dict[str, list[dict]]:
     """Run the slice tasks in `pool` and write their records, in order, to per-split shards."""
-    import tensorflow  # noqa: F401 - load it now rather than under the progress bar
     from tqdm import tqdm
 
     shards = ShardSet(stage, cfg.convert.shard_size, summary)
     reported: set[str] = set()
-    spool = None if isinstance(pool, InProcess) else stage / ".spool"
-    if spool is not None:
-        spool.mkdir()
+    spool_dir = None if isinstance(pool, InProcess) else stage / ".spool"
+    if spool_dir is not None:
+        spool_dir.mkdir()
     bar = tqdm(total=sum(len(p.frames) for p in plans), desc="converting", unit="slice", disable=not progress)
-    for plan_index, results, skipped, spooled in pool.imap(process_task, slice_tasks(plans, cfg, spool)):
+    for plan_index, results, skipped, spooled in pool.imap(process_task, slice_tasks(plans, cfg, spool_dir)):
         plan = plans[plan_index]
         for item in skipped:
             if item.path not in reported:  # a multi-frame file can span several tasks
@@ -330,8 +323,8 @@ def write_shards(plans: list[SeriesPlan], cfg: Config, stage: Path, pool, summar
             shards.add(plan.split, plan.modality, result)
         bar.update(len(results))
     bar.close()
-    if spool is not None:
-        spool.rmdir()
+    if spool_dir is not None:
+        spool_dir.rmdir()
     return shards.close()
 
 

@@ -360,7 +360,6 @@ def process_image(task: _Task) -> tuple[int, list[bytes] | Skipped]:
 def write_image_shards(plans: list[ImagePlan], cfg: Config, stage: Path, pool, summary: Summary,
                        progress: bool) -> dict[str, list[dict]]:
     """Run the image tasks in `pool` and write their records, in plan order, to per-split shards."""
-    import tensorflow  # noqa: F401 - load it now rather than under the progress bar
     from tqdm import tqdm
 
     tasks = (_Task(i, p.file.path, p.file.key, RecordMeta(MODALITY, p.split, p.patient_hash, p.series_hash, 0),

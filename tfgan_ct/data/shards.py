@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import google_crc32c
 import numpy as np
 
 from tfgan_ct.fileio import default_mode
@@ -72,31 +73,29 @@ def encode(hr: np.ndarray, lr: np.ndarray, mask: np.ndarray, meta: RecordMeta, s
     Every length prefix is known in advance, so the record is one `join` of
     short headers and the pixel buffers themselves: the pixels are copied once
     (a whole 512x512 slice is 0.8 MB, and each copy of it costs page faults).
+    The headers and the small features repeat from record to record and are
+    made once (`_entry_head`, `_entry`).
     """
     if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
         raise ValueError(f"LR shape {lr.shape} is not HR shape {hr.shape} / {scale}")
-    features = [
-        ("hr", _bytes_feature(_buffer(hr, "<i2"))),
-        ("lr", _bytes_feature(_buffer(lr, "<f4"))),
-        ("mask", _bytes_feature(pack_mask(mask))),
-        ("height", _int_feature(hr.shape[0])), ("width", _int_feature(hr.shape[1])),
-        ("scale", _int_feature(scale)),
-        ("modality", _bytes_feature(meta.modality.encode())), ("split", _bytes_feature(meta.split.encode())),
-        ("patient", _bytes_feature(meta.patient.encode())), ("series", _bytes_feature(meta.series.encode())),
-        ("slice_index", _int_feature(meta.slice_index)),
-        ("patch_y", _int_feature(meta.patch_y)), ("patch_x", _int_feature(meta.patch_x)),
-        ("pixel_spacing", _float_feature(meta.pixel_spacing)),
-    ]
-    # Example.features = 1 {Features.feature map entries = 1 {key = 1, value = 2}}
-    entries = [_nest(1, [_key(key), _nest(2, [value])]) for key, value in features]
+    buffers = (("hr", _buffer(hr, "<i2")), ("lr", _buffer(lr, "<f4")), ("mask", pack_mask(mask)))
+    small = (_entry("height", _INT, hr.shape[0]), _entry("width", _INT, hr.shape[1]),
+             _entry("scale", _INT, scale),
+             _entry("modality", _BYTES, meta.modality), _entry("split", _BYTES, meta.split),
+             _entry("patient", _BYTES, meta.patient), _entry("series", _BYTES, meta.series),
+             _entry("slice_index", _INT, meta.slice_index),
+             _entry("patch_y", _INT, meta.patch_y), _entry("patch_x", _INT, meta.patch_x),
+             _entry("pixel_spacing", _FLOAT, tuple(meta.pixel_spacing)))
     parts: list = []
-    _flatten(_nest(1, entries), parts)
-    return b"".join(parts)
+    for key, buffer in buffers:
+        parts += (_entry_head(key, buffer.nbytes), buffer)
+    parts += small
+    length = sum(p.nbytes if isinstance(p, np.ndarray) else len(p) for p in parts)
+    return b"".join([varint(1 << 3 | 2) + varint(length), *parts])  # Example.features = 1
 
 
-# A protobuf message under construction: (length in bytes, its pieces), where a
-# piece is bytes, a buffer (numpy array) or another such message.
-_Message = tuple
+# Feature kinds: Feature.bytes_list = 1, float_list = 2 (packed), int64_list = 3 (packed)
+_BYTES, _FLOAT, _INT = 1, 2, 3
 
 
 def _buffer(array: np.ndarray, dtype) -> np.ndarray:
@@ -104,37 +103,29 @@ def _buffer(array: np.ndarray, dtype) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-def _nest(number: int, pieces: list) -> _Message:
-    """A length-delimited protobuf field (wire type 2) around `pieces`."""
-    length = sum(p[0] if isinstance(p, tuple) else p.nbytes if isinstance(p, np.ndarray) else len(p)
-                 for p in pieces)
-    header = varint(number << 3 | 2) + varint(length)
-    return len(header) + length, [header, *pieces]
-
-
-def _flatten(message: _Message, out: list) -> None:
-    for piece in message[1]:
-        if isinstance(piece, tuple):
-            _flatten(piece, out)
-        else:
-            out.append(piece)
-
-
 @functools.lru_cache(maxsize=64)
-def _key(key: str) -> bytes:
-    return field(1, key.encode())
+def _entry_head(key: str, size: int) -> bytes:
+    """Everything of the map entry {key: Feature(bytes_list=[value])} (Features.feature = 1)
+    that comes before a `size`-byte value, which follows it in the record."""
+    value_list = varint(1 << 3 | 2) + varint(size)                    # BytesList.value = 1
+    feature = varint(_BYTES << 3 | 2) + varint(len(value_list) + size)
+    entry_value = varint(2 << 3 | 2) + varint(len(feature) + len(value_list) + size)  # value = 2
+    key_field = field(1, key.encode())                                    # key = 1
+    entry_length = len(key_field) + len(entry_value) + len(feature) + len(value_list) + size
+    return varint(1 << 3 | 2) + varint(entry_length) + key_field + entry_value + feature + value_list
 
 
-def _bytes_feature(value) -> _Message:
-    return _nest(1, [_nest(1, [value])])                    # Feature.bytes_list = 1 {value = 1}
-
-
-def _float_feature(values) -> _Message:
-    return _nest(2, [field(1, np.asarray(values, "<f4").tobytes())])  # float_list = 2, packed
-
-
-def _int_feature(value: int) -> _Message:
-    return _nest(3, [field(1, varint(int(value)))])       # int64_list = 3, packed
+@functools.lru_cache(maxsize=4096)
+def _entry(key: str, kind: int, value) -> bytes:
+    """The whole map entry {key: Feature} of a small feature: text (bytes_list), an int
+    (int64_list) or a tuple of floats (float_list, float32)."""
+    if kind == _BYTES:
+        payload = field(1, value.encode())
+    elif kind == _INT:
+        payload = field(1, varint(int(value)))
+    else:
+        payload = field(1, np.asarray(value, "<f4").tobytes())
+    return field(1, field(1, key.encode()) + field(2, field(kind, payload)))
 
 
 def pack_mask(mask: np.ndarray) -> np.ndarray:
@@ -183,46 +174,84 @@ class ShardWriter:
     files of `shard_size` records (one modality per file, so a training stage
     picks its files without reading the others).
 
-    Each shard is written under a temporary name and renamed when full or on
-    `close()`, so a shard file under its final name is always complete.
+    Records come serialised (`write`) or already in TFRecord framing (`write_framed`,
+    as conversion workers frame them). Each shard is written under a temporary name,
+    hashed as it is written, and renamed when full or on `close()`, so a shard file
+    under its final name is always complete. No TensorFlow is needed.
     """
 
     def __init__(self, folder: Path, split: str, modality: str, shard_size: int):
         self.folder, self.split, self.modality = Path(folder), split, modality
         self.shard_size = shard_size
         self.shards: list[dict] = []
-        self._writer = None
-        self._count = 0
+        self._file: ShardFile | None = None
 
     def write(self, record: bytes) -> None:
         """Append one serialised record, starting a new shard when the current one is full."""
-        import tensorflow as tf
+        self.write_framed(b"".join(framed(record)))
 
-        if self._writer is None:
-            self._tmp = self.folder / f".{self._name()}.tmp"
-            self._writer = tf.io.TFRecordWriter(str(self._tmp))
-            self._count = 0
-        self._writer.write(record)
-        self._count += 1
-        if self._count >= self.shard_size:
+    def write_framed(self, data) -> None:
+        """Append one record given in TFRecord framing (bytes or a memoryview of them)."""
+        if self._file is None:
+            self._file = ShardFile(self.folder / shard_name(self.split, self.modality, len(self.shards)),
+                                   self.modality)
+        self._file.write(data)
+        if self._file.count >= self.shard_size:
             self._finish()
 
     def close(self) -> list[dict]:
         """Finish the open shard; returns [{'file', 'modality', 'records', 'sha256'}, ...]."""
-        if self._writer is not None:
+        if self._file is not None:
             self._finish()
         return self.shards
 
-    def _name(self) -> str:
-        return shard_name(self.split, self.modality, len(self.shards))
+    def discard(self) -> None:
+        """Remove the open shard's temporary file (after a failure)."""
+        if self._file is not None:
+            self._file.discard()
+            self._file = None
 
     def _finish(self) -> None:
-        self._writer.close()
-        self._writer = None
-        final = self.folder / self._name()
-        os.replace(self._tmp, final)
-        self.shards.append({"file": final.name, "modality": self.modality, "records": self._count,
-                            "sha256": file_sha256(final)})
+        self.shards.append(self._file.finish())
+        self._file = None
+
+
+class ShardFile:
+    """One shard being written: framed records appended to a temporary file in the shard's
+    folder and hashed on the way; `finish` renames it to `path`, `discard` removes it."""
+
+    def __init__(self, path: Path, modality: str):
+        self.path, self.modality = Path(path), modality
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            os.fchmod(fd, default_mode(0o666))
+            self._f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            Path(self._tmp).unlink(missing_ok=True)
+            raise
+        self._digest, self.count = hashlib.sha256(), 0
+
+    def write(self, data) -> None:
+        """Append one framed record (bytes or a memoryview)."""
+        self._digest.update(data)
+        self._f.write(data)
+        self.count += 1
+
+    def finish(self) -> dict:
+        """Close, rename into place; the manifest entry {'file', 'modality', 'records', 'sha256'}."""
+        try:
+            self._f.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        return {"file": self.path.name, "modality": self.modality, "records": self.count,
+                "sha256": self._digest.hexdigest()}
+
+    def discard(self) -> None:
+        self._f.close()
+        Path(self._tmp).unlink(missing_ok=True)
 
 
 def shard_name(split: str, modality: str, index: int) -> str:
@@ -243,35 +272,25 @@ def framed(record: bytes) -> list[bytes]:
     """One serialised record in TFRecord framing, as the pieces of the file: length
     (uint64 little-endian), masked CRC-32C of the length, the record, masked CRC-32C
     of the record. The same bytes as `tf.io.TFRecordWriter` writes, without TensorFlow
-    (CRC-32C from `google-crc32c`, part of the beam extra)."""
+    (CRC-32C from `google-crc32c`)."""
     length = struct.pack("<Q", len(record))
     return [length, struct.pack("<I", _masked_crc32c(length)), record, struct.pack("<I", _masked_crc32c(record))]
 
 
 def _masked_crc32c(data: bytes) -> int:
     """TFRecord's masked CRC-32C of `data` (uint32)."""
-    import google_crc32c
-
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def write_shard(path: Path, modality: str, records: Iterable[bytes]) -> dict:
-    """Write `records` as one complete shard at `path` without TensorFlow (under a temporary
-    name, renamed when complete); its manifest entry, as `ShardWriter.close` gives them."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    digest, count = hashlib.sha256(), 0
+    """Write `records` as one complete shard at `path` (under a temporary name, renamed
+    when complete); its manifest entry, as `ShardWriter.close` gives them."""
+    shard = ShardFile(path, modality)
     try:
-        os.fchmod(fd, default_mode(0o666))
-        with os.fdopen(fd, "wb") as f:
-            for record in records:
-                for piece in framed(record):
-                    digest.update(piece)
-                    f.write(piece)
-                count += 1
-        os.replace(tmp, path)
+        for record in records:
+            shard.write(b"".join(framed(record)))
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        shard.discard()
         raise
-    return {"file": path.name, "modality": modality, "records": count, "sha256": digest.hexdigest()}
+    return shard.finish()
