@@ -16,6 +16,13 @@ manifest) with the given number of worker processes, and their ratio; then
 (c) the conversion in this one process (`--workers 1`) with the CPU time it
 used, a figure that shared cores disturb less than the wall-clock rates.
 TensorFlow is imported before timing; start-up is not counted.
+
+`--stages` then times each step of the conversion alone, in this process, with
+the package's own functions on the same files and the same split (CPU ms per
+slice, best of `--stage-repeats`): header pass, pixel read, brain mask, HR,
+resize, encoding, TFRecord framing, and hashing and writing the shards. Their
+sum on the given cores, with no overhead at all, bounds what `convert` can
+reach, and that bound is printed against the plain read.
 """
 from __future__ import annotations
 
@@ -60,6 +67,87 @@ def copy_real(source: Path, out: Path, patients: int, slices: int) -> None:
             ds.save_as(folder / f"IM{i + 1:05d}.dcm")
 
 
+def stage_costs(folder: Path, repeats: int) -> dict[str, float]:
+    """CPU ms per slice of each step of a conversion of `folder`, timed one step at a time
+    with the package's functions, on the split the conversion itself would make."""
+    import math
+    import tempfile as tmp
+
+    import numpy as np
+
+    from tfgan_ct.config import Config
+    from tfgan_ct.data import dicom_io, resize
+    from tfgan_ct.data.conversion import InProcess, salt_of
+    from tfgan_ct.data.convert import plan_series, prepare_slice, scan, slice_records
+    from tfgan_ct.data.masking import brain_mask
+    from tfgan_ct.data.shards import RecordMeta, ShardFile, framed
+
+    _worker_malloc()
+    cfg = Config()
+    oof = cfg.convert.out_of_field_hu
+    frames, _ = scan([folder], InProcess(), False)
+    plans = plan_series(frames, cfg, "auto", salt_of(cfg), None)
+    items = [(plan, f) for plan in plans for f in plan.frames]
+    paths = [f.path for _, f in items]
+
+    def best(fn) -> float:
+        runs = []
+        for _ in range(repeats):
+            start = time.process_time()
+            fn()
+            runs.append(time.process_time() - start)
+        return min(runs) * 1e3 / len(items)
+
+    hu = [dicom_io.read_hu(f.path, [f.frame], oof, f.layout, whole=True)[0] for _, f in items]
+    settings = [cfg.modalities.get(plan.modality) for plan, _ in items]
+    ranges = [(math.ceil(s.mask_hu[0]), math.floor(s.mask_hu[1])) for s in settings]
+    masks = [brain_mask(h, r, cfg.convert.mask) for h, r in zip(hu, ranges)]
+    results = [prepare_slice(h, i, f.pixel_spacing, plan.modality, cfg) for i, (h, (plan, f)) in
+               enumerate(zip(hu, items))]
+    metas = [RecordMeta(plan.modality, plan.split, plan.patient_hash, plan.series_hash, 0) for plan, _ in items]
+    records = [r for result, meta in zip(results, metas) for r in slice_records(result, meta, cfg)]
+    framed_records = [b"".join(framed(r)) for r in records]
+
+    def hr_step():
+        for h, m, s in zip(hu, masks, settings):
+            hr = np.array(h)
+            np.copyto(hr, np.int16(s.window.floor), where=~m)
+
+    def write_step():
+        with tmp.TemporaryDirectory() as out:
+            shard = ShardFile(Path(out) / "bench.tfrecord", "ncct")
+            for r in framed_records:
+                shard.write(r)
+            shard.finish()
+
+    costs = {
+        "header pass (pydicom header, Frames)": best(lambda: [dicom_io.frames_of(p) for p in paths]),
+        "pixel read (int16 HU)": best(lambda: [dicom_io.read_hu(f.path, [f.frame], oof, f.layout, whole=True)
+                                               for _, f in items]),
+        "brain mask": best(lambda: [brain_mask(h, r, cfg.convert.mask) for h, r in zip(hu, ranges)]),
+        "HR (window floor outside the mask)": best(hr_step),
+        "MATLAB bicubic x1/4": best(lambda: [resize.downscale(r.hr, 4).astype(np.float32) for r in results]),
+        "patches and encoding": best(lambda: [slice_records(r, m, cfg) for r, m in zip(results, metas)]),
+        "TFRecord framing (CRC-32C)": best(lambda: [framed(r) for r in records]),
+        "SHA-256 and writing the shards": best(write_step),
+    }
+    print(f"{sum(map(len, framed_records)) / len(items) / 1e3:.0f} kB of shards per slice")
+    return costs
+
+
+def _worker_malloc() -> None:
+    """The malloc settings conversion workers run with (`conversion._WORKER_ENV`), set in
+    this process: freed slice arrays stay in the heap instead of being faulted in anew."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 64 << 20)   # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+
+
 def pydicom_size(path: Path) -> str:
     import pydicom
 
@@ -75,6 +163,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="conversions to time (best is kept)")
     parser.add_argument("--real", type=Path, default=None, help="a real CT slice to copy instead of the phantom")
     parser.add_argument("--slices", type=int, default=28, help="--real: slices per patient")
+    parser.add_argument("--stages", action="store_true", help="also time each step of the conversion alone")
+    parser.add_argument("--stage-repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
     import tensorflow  # noqa: F401 - import outside the timed region
@@ -114,6 +204,14 @@ def main(argv=None) -> None:
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         print(f"convert in one process (--workers 1) : {n / wall:8.1f} slices/s, "
               f"{n / cpu:.1f} slices per CPU second")
+        if args.stages:
+            costs = stage_costs(tmp / "dicom", args.stage_repeats)
+            for name, ms in costs.items():
+                print(f"  {name:38s}: {ms:6.3f} CPU ms/slice")
+            total, cores = sum(costs.values()), os.cpu_count()
+            bound = cores * 1e3 / total
+            print(f"  {'sum':38s}: {total:6.3f} CPU ms/slice; on {cores} core(s) at most {bound:.0f} slices/s, "
+                  f"ratio {bound * base / n:.2f} to the plain read")
 
 
 if __name__ == "__main__":

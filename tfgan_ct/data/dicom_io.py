@@ -118,7 +118,7 @@ def _frames_from_header(path: Path, ds: pydicom.Dataset) -> list[Frame]:
     shared = first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     orientation = _orientation(ds, shared)
-    normal = np.cross(orientation[:3], orientation[3:])
+    normal = _cross(orientation[:3], orientation[3:])
     patient = str(ds.get("PatientID", "") or "") or str(ds.get("PatientName", "") or "") \
         or str(ds.get("StudyInstanceUID", "") or "") or f"folder:{path.parent}"
     series = str(ds.get("SeriesInstanceUID", "") or "") or f"folder:{path.parent}"
@@ -149,6 +149,12 @@ def _orientation(ds, shared) -> np.ndarray:
     if value is None or len(value) != 6:
         return np.array([1.0, 0, 0, 0, 1.0, 0])
     return np.array([float(v) for v in value])
+
+
+def _cross(a, b) -> np.ndarray:
+    """Cross product of two 3-vectors; the same values as `np.cross`, which costs more
+    than the rest of a header's geometry for one pair."""
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
 
 
 def _position(ds, group, shared) -> np.ndarray | None:
