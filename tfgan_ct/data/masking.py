@@ -61,9 +61,9 @@ def brain_mask(hu: np.ndarray, hu_range: tuple[float, float], settings: MaskSett
     # the box, and the dilation reaches `dilation` pixels beyond it. Both give the
     # same result as on the whole crop, on far fewer pixels.
     inner = runs.box()
-    component = runs.paint(inner)
     if settings.fill_holes:
-        component = fill_holes(component)
+        runs = _filled(runs, inner)
+    component = runs.paint(inner)
     y0, x0 = crop[0].start + inner[0].start, crop[1].start + inner[1].start
     out[y0:y0 + component.shape[0], x0:x0 + component.shape[1]] = component
     if dilation > 0:
@@ -136,22 +136,13 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill background regions not 4-connected to the border (as scipy's binary_fill_holes).
-
-    The background is framed by a ring of background pixels, so everything
-    connected to the border is one background component, the one holding the
-    first run (the top row of the frame); every other background run is a hole.
-    """
+    """Fill background regions not 4-connected to the border (as scipy's binary_fill_holes)."""
     mask = np.asarray(mask, bool)
-    framed = np.ones((mask.shape[0] + 2, mask.shape[1] + 2), bool)
-    framed[1:-1, 1:-1] = ~mask
-    background = _Runs.of(framed)
-    count, labels = background.labels()
-    if count == 1:
+    runs = _Runs.of(mask)
+    if len(runs) == 0:
         return mask.copy()
-    holes = background.select(labels != labels[0])
-    inside = (slice(1, framed.shape[0] - 1), slice(1, framed.shape[1] - 1))
-    return mask | holes.paint(inside)
+    whole = (slice(0, mask.shape[0]), slice(0, mask.shape[1]))
+    return _filled(runs, whole).paint(whole)
 
 
 def apply_mask(hu: np.ndarray, mask: np.ndarray, floor_hu: float) -> np.ndarray:
@@ -204,28 +195,9 @@ class _Runs:
 
         Runs in adjacent rows are connected when their columns overlap.
         """
-        # Keys row * stride + column are in raster order, with the rows far enough
-        # apart that a run of row y + 1 overlaps run i of row y exactly when its
-        # first key is below last[i] + stride and its last key above first[i] +
-        # stride: these runs are a contiguous range of the sorted keys, and so are
-        # the overlapping runs of row y - 1 (with - stride).
-        stride = self.width + 1
+        stride = self.width + 1  # so that no run reaches the next row's keys
         first = self.rows * stride + self.starts
-        last = self.rows * stride + self.ends
-        ranges = np.empty((len(self), 2, 2), np.int64)  # run, (above, below), (from, to)
-        for side, shift in enumerate((-stride, stride)):
-            ranges[:, side, 0] = np.searchsorted(last, first + shift, side="right")
-            ranges[:, side, 1] = np.searchsorted(first, last + shift, side="left")
-        begin, end = ranges[..., 0].ravel(), ranges[..., 1].ravel()
-        counts = end - begin
-        offsets = np.concatenate(([0], np.cumsum(counts)))
-        # Neighbours of run i: begin[2i]:end[2i] then begin[2i + 1]:end[2i + 1].
-        neighbours = np.arange(offsets[-1]) + np.repeat(begin - offsets[:-1], counts)
-        graph = csr_matrix((np.ones(offsets[-1]), neighbours.astype(np.int32), offsets[0::2].astype(np.int32)),
-                           shape=(len(self), len(self)))
-        # The graph holds every edge both ways, so its strongly connected components
-        # are the connected ones (and scipy finds those without a transposed copy).
-        return connected_components(graph, directed=True, connection="strong")
+        return _components(first, first + (self.ends - self.starts), stride)
 
     def box(self) -> tuple[slice, slice]:
         """Smallest (rows, columns) slices holding every run (there must be one)."""
@@ -244,6 +216,58 @@ class _Runs:
         values = np.zeros(len(bounds) - 1, bool)
         values[1::2] = True
         return np.repeat(values, np.diff(bounds)).reshape(height, width)
+
+
+def _components(first: np.ndarray, last: np.ndarray, stride: int) -> tuple[int, np.ndarray]:
+    """``(count, labels)`` of the 4-connected components of pixel intervals.
+
+    Interval i covers the flat pixel indices ``first[i] .. last[i] - 1`` of an
+    image with rows of `stride` pixels; the intervals are sorted and disjoint.
+    Intervals are joined where one holds the pixel right above or below a pixel
+    of the other. Labels are 0 .. count - 1, in no particular order.
+    """
+    # The intervals holding a pixel below interval i, [first[i] + stride,
+    # last[i] + stride), are those ending after its start and starting before its
+    # end: being sorted and disjoint, a contiguous range begin:end of the list.
+    # The same with - stride gives the intervals above.
+    n = len(first)
+    shifts = np.concatenate((first - stride, first + stride))
+    begin = np.searchsorted(last, shifts, side="right")
+    end = np.searchsorted(first, np.concatenate((last - stride, last + stride)), side="left")
+    # Neighbours of interval i: the ranges above (begin[i]:end[i]) and below
+    # (begin[n + i]:end[n + i]), in that order.
+    begin, end = begin.reshape(2, n).T.ravel(), end.reshape(2, n).T.ravel()
+    counts = end - begin
+    offsets = np.concatenate(([0], np.cumsum(counts)))
+    neighbours = np.arange(offsets[-1]) + np.repeat(begin - offsets[:-1], counts)
+    graph = csr_matrix((np.ones(offsets[-1]), neighbours.astype(np.int32), offsets[0::2].astype(np.int32)),
+                       shape=(n, n))
+    # The graph holds every edge both ways, so its strongly connected components
+    # are the connected ones (and scipy finds those without a transposed copy).
+    return connected_components(graph, directed=True, connection="strong")
+
+
+def _filled(runs: _Runs, box: tuple[slice, slice]) -> _Runs:
+    """`runs` (all inside `box`) with their holes filled: the background regions
+    that are not 4-connected to the outside of `box`.
+
+    In a copy of the box framed by one background pixel, the background is the
+    flat intervals between consecutive runs (and before the first and after the
+    last). An interval that runs from one row into the next holds frame pixels,
+    so it belongs to the outside anyway; the ones inside a row lie between two
+    runs of that row, and a hole among them joins those two runs.
+    """
+    height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
+    stride = width + 2
+    first = (runs.rows - box[0].start + 1) * stride + (runs.starts - box[1].start + 1)
+    last = first + (runs.ends - runs.starts)
+    gaps_first = np.concatenate(([0], last))                    # gap g lies before run g
+    gaps_last = np.concatenate((first, [(height + 2) * stride]))
+    count, labels = _components(gaps_first, gaps_last, stride)
+    if count == 1:
+        return runs
+    hole = labels != labels[0]  # gap 0 (from the top-left frame pixel) and the last gap are outside
+    return _Runs(runs.rows[~hole[:-1]], runs.starts[~hole[:-1]], runs.ends[~hole[1:]], runs.width)
 
 
 def _largest(runs: _Runs) -> _Runs | None:
