@@ -129,9 +129,10 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     Of components of equal size, the one whose first pixel comes first in raster
     order (as with the labels of ``scipy.ndimage.label``).
     """
+    mask = np.asarray(mask)
     runs = _largest(_Runs.of(mask))
     if runs is None:
-        return np.zeros(np.shape(mask), bool)
+        return np.zeros(mask.shape, bool)
     return runs.paint((slice(0, mask.shape[0]), slice(0, mask.shape[1])))
 
 
