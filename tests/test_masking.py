@@ -70,3 +70,64 @@ def test_fast_morphology_equals_scipy():
     y, x = np.mgrid[-2:3, -2:3]
     disk2 = x * x + y * y <= 4
     np.testing.assert_array_equal(dilate(m, 2), ndimage.binary_dilation(m, disk2))
+
+
+def _reference_mask(hu, hu_range, settings):
+    """brain_mask composed plainly from scipy.ndimage (pixel labelling, no cropping)."""
+    from scipy import ndimage
+
+    from tfgan_ct.data.masking import scaled_radius
+
+    cross = ndimage.generate_binary_structure(2, 1)
+    size = max(hu.shape)
+    opening = scaled_radius(settings.opening_radius, size)
+    dilation = scaled_radius(settings.dilation_radius, size)
+    mask = (hu >= hu_range[0]) & (hu <= hu_range[1])
+    if opening:
+        mask = ndimage.binary_opening(mask, cross, iterations=opening)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros(hu.shape, bool)
+    mask = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    if settings.fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    if dilation:
+        mask = ndimage.binary_dilation(mask, cross, iterations=dilation)
+    return mask
+
+
+def _random_slices(rng):
+    """Random HU images: smooth blobs (with holes and several components) and noise."""
+    from scipy import ndimage
+
+    for shape in [(128, 128), (96, 130), (40, 40), (17, 33), (5, 3)]:
+        for sigma in (0.0, 1.0, 3.0):
+            field = rng.normal(size=shape)
+            if sigma:
+                field = ndimage.gaussian_filter(field, sigma)
+                field /= field.std()
+            yield (field * 80.0 + 40.0).astype(np.float32)
+
+
+def test_brain_mask_equals_plain_scipy_composition():
+    rng = np.random.default_rng(7)
+    settings = [MaskSettings(o, d, f) for o in (0, 4, 8) for d in (0, 4, 8) for f in (True, False)]
+    for hu in _random_slices(rng):
+        for s in settings:
+            np.testing.assert_array_equal(brain_mask(hu, (-15.0, 100.0), s), _reference_mask(hu, (-15.0, 100.0), s))
+
+
+def test_components_and_holes_equal_scipy_on_random_masks():
+    from scipy import ndimage
+
+    from tfgan_ct.data.masking import fill_holes
+
+    rng = np.random.default_rng(8)
+    for shape in [(1, 1), (1, 7), (7, 1), (12, 12), (31, 20), (64, 64)]:
+        for density in (0.2, 0.45, 0.6, 0.8):
+            mask = rng.random(shape) < density
+            np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+            labels, count = ndimage.label(mask)
+            # of equal sizes, the component scipy numbers first
+            expected = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1 if count else mask
+            np.testing.assert_array_equal(largest_component(mask), expected)
