@@ -120,15 +120,23 @@ def stage_costs(folder: Path, repeats: int) -> dict[str, float]:
                 shard.write(r)
             shard.finish()
 
+    def each(fn, *lists):
+        """Call `fn` on every item (of zipped `lists`), keeping no result: the arrays of
+        one slice are freed before the next, as in a conversion."""
+        def run():
+            for args in zip(*lists):
+                fn(*args)
+        return run
+
     costs = {
-        "header pass (pydicom header, Frames)": best(lambda: [dicom_io.frames_of(p) for p in paths]),
-        "pixel read (int16 HU)": best(lambda: [dicom_io.read_hu(f.path, [f.frame], oof, f.layout, whole=True)
-                                               for _, f in items]),
-        "brain mask": best(lambda: [brain_mask(h, r, cfg.convert.mask) for h, r in zip(hu, ranges)]),
+        "header pass (pydicom header, Frames)": best(each(dicom_io.frames_of, paths)),
+        "pixel read (int16 HU)": best(each(lambda f: dicom_io.read_hu(f.path, [f.frame], oof, f.layout, whole=True),
+                                           [f for _, f in items])),
+        "brain mask": best(each(lambda h, r: brain_mask(h, r, cfg.convert.mask), hu, ranges)),
         "HR (window floor outside the mask)": best(hr_step),
-        "MATLAB bicubic x1/4": best(lambda: [resize.downscale(r.hr, 4).astype(np.float32) for r in results]),
-        "patches and encoding": best(lambda: [slice_records(r, m, cfg) for r, m in zip(results, metas)]),
-        "TFRecord framing (CRC-32C)": best(lambda: [framed(r) for r in records]),
+        "MATLAB bicubic x1/4": best(each(lambda r: resize.downscale(r.hr, 4).astype(np.float32), results)),
+        "patches and encoding": best(each(lambda r, m: slice_records(r, m, cfg), results, metas)),
+        "TFRecord framing (CRC-32C)": best(each(framed, records)),
         "SHA-256 and writing the shards": best(write_step),
     }
     print(f"{sum(map(len, framed_records)) / len(items) / 1e3:.0f} kB of shards per slice")
