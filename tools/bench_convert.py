@@ -15,7 +15,8 @@ decoding, masking, MATLAB-style resize, patch extraction, TFRecord writing,
 manifest) with the given number of worker processes, and their ratio; then
 (c) the conversion in this one process (`--workers 1`) with the CPU time it
 used, a figure that shared cores disturb less than the wall-clock rates.
-TensorFlow is imported before timing; start-up is not counted.
+TensorFlow (which `convert` no longer needs; older versions wrote shards with it) is
+imported before timing; start-up is not counted.
 
 `--stages` then times each step of the conversion alone, in this process, with
 the package's own functions on the same files and the same split (CPU ms per
@@ -171,6 +172,10 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="conversions to time (best is kept)")
     parser.add_argument("--real", type=Path, default=None, help="a real CT slice to copy instead of the phantom")
     parser.add_argument("--slices", type=int, default=28, help="--real: slices per patient")
+    parser.add_argument("--input", type=Path, default=None,
+                        help="keep the input DICOM in this folder: written on the first run, read by later "
+                             "ones (e.g. to run two versions of the package one after the other on the "
+                             "same files, with PYTHONPATH pointing at each)")
     parser.add_argument("--stages", action="store_true", help="also time each step of the conversion alone")
     parser.add_argument("--stage-repeats", type=int, default=3)
     args = parser.parse_args(argv)
@@ -183,18 +188,20 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.real:
-            copy_real(args.real, tmp / "dicom", args.patients, args.slices)
-        else:
-            make_dataset(tmp / "dicom", n_patients=args.patients, seed=0, size=args.size)
-        files = sorted((tmp / "dicom").rglob("*.dcm"))
+        dicom = args.input or tmp / "dicom"
+        if args.input is None or not args.input.exists():
+            if args.real:
+                copy_real(args.real, dicom, args.patients, args.slices)
+            else:
+                make_dataset(dicom, n_patients=args.patients, seed=0, size=args.size)
+        files = sorted(dicom.rglob("*.dcm"))
         size = pydicom_size(files[0])
         plain_pydicom(files[:20])  # warm the file cache
         base = min(plain_pydicom(files) for _ in range(2))
         times = []
         for i in range(args.repeats):
             start = time.perf_counter()
-            summary = convert([tmp / "dicom"], tmp / f"out{i}", Config(), workers=args.workers,
+            summary = convert([dicom], tmp / f"out{i}", Config(), workers=args.workers,
                               progress=False)
             times.append(time.perf_counter() - start)
         best = min(times)
@@ -208,12 +215,12 @@ def main(argv=None) -> None:
         print(f"ratio convert / plain read           : {base / best:8.2f}")
         print(f"records written                      : {sum(summary.records.values())}")
         start, cpu = time.perf_counter(), time.process_time()
-        convert([tmp / "dicom"], tmp / "single", Config(), workers=1, progress=False)
+        convert([dicom], tmp / "single", Config(), workers=1, progress=False)
         wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         print(f"convert in one process (--workers 1) : {n / wall:8.1f} slices/s, "
               f"{n / cpu:.1f} slices per CPU second")
         if args.stages:
-            costs = stage_costs(tmp / "dicom", args.stage_repeats)
+            costs = stage_costs(dicom, args.stage_repeats)
             for name, ms in costs.items():
                 print(f"  {name:38s}: {ms:6.3f} CPU ms/slice")
             total, cores = sum(costs.values()), os.cpu_count()
