@@ -29,7 +29,7 @@ def _hand_average(model, steps: int) -> list[np.ndarray]:
     average = None
     data = tf.data.Dataset.from_tensors(fixed_batch()).repeat()
     for _ in range(steps):
-        model.fit(data, steps_per_epoch=1, verbose=0)
+        model.fit(data, steps_per_epoch=1, verbose=0, shuffle=False)
         weights = [v.numpy() for v in model.generator.trainable_variables]
         average = weights if average is None else [DECAY * a + (1 - DECAY) * w for a, w in zip(average, weights)]
     return average
