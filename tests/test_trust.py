@@ -101,6 +101,24 @@ def test_flip_spread_of_a_biased_model_is_not(lr_and_mask):
     np.testing.assert_allclose(hu, spread * 80.0, rtol=1e-6)
 
 
+def test_flip_spread_reuses_the_upscaled_image(lr_and_mask):
+    """With the untransformed input's output given, the other seven are predicted, and the
+    spread is the one of eight predictions."""
+    unit = WINDOW.to_unit(lr_and_mask[0])[:64, :96]
+    calls = []
+
+    def gradient(x):
+        calls.append(x.shape)
+        return bicubic_model(x) + np.linspace(0, 0.2, 4 * x.shape[1], dtype=np.float32)[None, :]
+
+    full = trust.flip_spread(gradient, unit)
+    assert len(calls) == 8
+    calls.clear()
+    reused = trust.flip_spread(gradient, unit, identity=gradient(unit))
+    assert len(calls) == 1 + 7
+    np.testing.assert_array_equal(reused, full)
+
+
 def test_summary_text_is_short_and_holds_the_figures():
     text = trust.summary_text(trust.LrConsistency(1.234, 9.81, 500))
     assert text == "LR consistency mean 1.2 HU, max 9.8 HU (brain)"

@@ -9,7 +9,7 @@ kept everywhere, clipped to the window (`"clip"`). HU images are float32
 Every image gets its trust figures (`trust.lr_consistency` inside the brain
 mask of the source, in HU): in its ImageComments for DICOM, per series in
 `Summary.trust`. With `uncertainty` a second series holds the flip spread of
-the model's output (`trust.flip_spread`, HU), eight times the inference.
+the model's output (`trust.flip_spread`, HU), seven more inferences per image.
 
 `--format dicom` writes IM00001.dcm ... (`derived_dicom`), `png` windowed
 8-bit PNGs, `npy` one float32 HU array sr_hu.npy [slices, 4h, 4w] with
@@ -110,11 +110,23 @@ def super_resolve_hu(method: inference.Method, hu: np.ndarray, window: Window, o
     Raises ValueError when the model's output is not finite (a diverged model), before clipping
     could hide an infinity.
     """
+    return output_hu(model_output(method, hu, window, tile, tile_pad), hu, window, outside, method.scale)
+
+
+def model_output(method: inference.Method, hu: np.ndarray, window: Window, tile: int | None = 0,
+                 tile_pad: int = 16) -> np.ndarray:
+    """The model's own output for HU image [h, w]: float32 [4h, 4w] in [0, 1] units of `window`,
+    not clipped. ValueError when it is not finite (a diverged model)."""
     unit = window.to_unit(hu.astype(np.float32))
-    sr = np.clip(_checked(inference.upscale_image(method, unit, tile, tile_pad), "model output"), 0.0, 1.0)
-    sr_hu = window.from_unit(sr)
+    return _checked(inference.upscale_image(method, unit, tile, tile_pad), "model output")
+
+
+def output_hu(sr_unit: np.ndarray, hu: np.ndarray, window: Window, outside: str, scale: int) -> np.ndarray:
+    """`model_output` [4h, 4w] of source `hu` [h, w] as float32 HU: clipped to the window, and
+    outside it (`outside` "bicubic") the bicubic upscale of the source, or ("clip") the window's edge."""
+    sr_hu = window.from_unit(np.clip(sr_unit, 0.0, 1.0))
     if outside == "bicubic":
-        bicubic = resize.upscale(hu, method.scale).astype(np.float32)
+        bicubic = resize.upscale(hu, scale).astype(np.float32)
         sr_hu = np.where(window.contains(bicubic), sr_hu, bicubic)
     elif outside != "clip":
         raise ValueError(f"outside must be 'bicubic' or 'clip', got {outside!r}")
@@ -202,14 +214,14 @@ def _upscale_frame(index: int, frame: dicom_io.Frame, stages: _Stages, run: Run,
             skip(run.summary, item)
         return exc.args[0][0].reason
     try:
-        sr_hu = checked_super_resolve(hu, options)
+        sr_unit, sr_hu = checked_output(hu, options)
         consistency = image_consistency(hu, sr_hu, options)
         if options.fmt == "dicom":
             name = f"IM{index:05d}.dcm"
             write_dicom(path, sr_hu, stages.images / name, uids, options.method, options.window,
                         comments=trust.summary_text(consistency))
             if stages.spread is not None:
-                write_dicom(path, flip_spread_hu(hu, options), stages.spread / name, uids.spread(),
+                write_dicom(path, flip_spread_hu(hu, options, sr_unit), stages.spread / name, uids.spread(),
                             options.method, options.window, comments="flip spread, HU (8 flips/rotations)")
     except ValueError as exc:
         skip(run.summary, dicom_io.skipped(path, exc))
@@ -224,22 +236,29 @@ def image_consistency(hu: np.ndarray, sr_hu: np.ndarray, options: UpscaleOptions
     return trust.lr_consistency(sr_hu, hu, mask, options.method.scale, options.window)
 
 
-def flip_spread_hu(hu: np.ndarray, options: UpscaleOptions) -> np.ndarray:
-    """Per-pixel spread (HU, float32 [4h, 4w]) of the model's output over the 8 flips/rotations."""
+def flip_spread_hu(hu: np.ndarray, options: UpscaleOptions, sr_unit: np.ndarray | None = None) -> np.ndarray:
+    """Per-pixel spread (HU, float32 [4h, 4w]) of the model's output over the 8 flips/rotations;
+    `sr_unit`: the `model_output` of `hu` when already made (then 7 more inferences, not 8)."""
     def predict(unit: np.ndarray) -> np.ndarray:
         return inference.upscale_image(options.method, unit, options.tile, options.tile_pad)
 
-    spread = trust.flip_spread(predict, options.window.to_unit(hu.astype(np.float32)))
+    spread = trust.flip_spread(predict, options.window.to_unit(hu.astype(np.float32)), identity=sr_unit)
     return trust.spread_hu(spread, options.window)
 
 
 def checked_super_resolve(hu: np.ndarray, options: UpscaleOptions) -> np.ndarray:
     """super_resolve_hu of a checked source image (HU [h, w]), its output checked too: float32 HU
     [4h, 4w], finite. ValueError (the skip reason) for non-finite or empty input or output."""
+    return checked_output(hu, options)[1]
+
+
+def checked_output(hu: np.ndarray, options: UpscaleOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(`model_output`, HU image) of a checked source image (HU [h, w]), as `checked_super_resolve`."""
     _checked(hu, "source image")
     method = options.method
-    sr_hu = super_resolve_hu(method, hu, options.window, options.outside, options.tile, options.tile_pad)
-    return _checked(sr_hu, "model output", (method.scale * hu.shape[0], method.scale * hu.shape[1]))
+    sr_unit = model_output(method, hu, options.window, options.tile, options.tile_pad)
+    sr_hu = output_hu(sr_unit, hu, options.window, options.outside, method.scale)
+    return sr_unit, _checked(sr_hu, "model output", (method.scale * hu.shape[0], method.scale * hu.shape[1]))
 
 
 def _slice_record(index: int, frame: dicom_io.Frame, reason: str | None = None) -> dict:

@@ -112,7 +112,8 @@ def _dihedral(k: int, flip: bool) -> tuple[Callable[[np.ndarray], np.ndarray], C
 TRANSFORMS = tuple(_dihedral(k, flip) for flip in (False, True) for k in range(4))
 
 
-def flip_spread(predict: Callable[[np.ndarray], np.ndarray], unit_lr: np.ndarray) -> np.ndarray:
+def flip_spread(predict: Callable[[np.ndarray], np.ndarray], unit_lr: np.ndarray,
+                identity: np.ndarray | None = None) -> np.ndarray:
     """Per-pixel standard deviation of `predict` over the eight flips/rotations of its input.
 
     Args:
@@ -120,6 +121,8 @@ def flip_spread(predict: Callable[[np.ndarray], np.ndarray], unit_lr: np.ndarray
             image shape: rotations swap h and w), e.g.
             ``lambda x: inference.upscale_image(method, x, tile, pad)``.
         unit_lr: the LR image, float32 [h, w] in [0, 1].
+        identity: `predict(unit_lr)` when the caller has it already (the upscaled image
+            itself); it is then not computed again, and 7 predictions are made, not 8.
 
     Returns:
         float32 [s*h, s*w], in the units of `predict`'s output ([0, 1]); 0 where
@@ -128,8 +131,9 @@ def flip_spread(predict: Callable[[np.ndarray], np.ndarray], unit_lr: np.ndarray
     unit_lr = np.asarray(unit_lr, dtype=np.float32)
     if unit_lr.ndim != 2:
         raise ValueError(f"expected one [h, w] image, got shape {unit_lr.shape}")
-    outputs = [inverse(np.asarray(predict(np.ascontiguousarray(forward(unit_lr))), dtype=np.float64))
-               for forward, inverse in TRANSFORMS]
+    outputs = [inverse(np.asarray(identity if n == 0 and identity is not None
+                                  else predict(np.ascontiguousarray(forward(unit_lr))), dtype=np.float64))
+               for n, (forward, inverse) in enumerate(TRANSFORMS)]  # TRANSFORMS[0] is the identity
     shapes = {o.shape for o in outputs}
     if len(shapes) != 1:
         raise ValueError(f"the outputs of the flipped inputs do not align (shapes {sorted(shapes)})")
