@@ -79,13 +79,33 @@ def main(verbose: int, quiet: bool) -> None:
     setup_logging(-1 if quiet else verbose)
 
 
-def _split_options(cfg, split: str | None, seed: int | None) -> None:
+def _split_options(units: str, unit: str, csv_key: str):
+    """--split, --split-csv and --seed of a convert command: `units` ("patients") are split,
+    a `unit` split ("patient") is seeded, and the CSV's patient column holds `csv_key`."""
+    def decorate(fn):
+        fn = click.option("--seed", type=int, default=None,
+                          help=f"Seed of the {unit} split (config default 0).")(fn)
+        fn = click.option("--split-csv", type=click.Path(exists=True, dir_okay=False),
+                          help=f"CSV with columns patient,split (patient = {csv_key}) instead of --split.")(fn)
+        return click.option("--split", default=None, metavar="T:V:T",
+                            help=f"{units.capitalize()} per train:validation:test, counts or fractions "
+                                 f"(config default 4:2:3).")(fn)
+    return decorate
+
+
+def _apply_split(cfg, split: str | None, seed: int | None) -> None:
     """--split and --seed of the two convert commands, over the config's values."""
     if split is not None:
         cfg.convert.split = split
     if seed is not None:
         cfg.convert.seed = seed
     cfg.validate()  # a ConfigError names --split's key and value
+
+
+def _report_dataset(summary, out, unit: str) -> None:
+    """The last line of a convert command: records, `unit`s (slice, image) and skipped files."""
+    click.echo(f"wrote {sum(summary.records.values())} record(s) from {sum(summary.slices.values())} "
+               f"{unit}(s) to {out} ({len(summary.skipped)} file(s) skipped)")
 
 
 def _conversion_options(fn):
@@ -102,12 +122,8 @@ def _conversion_options(fn):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
 @click.option("--modality", type=click.Choice(["auto", *CT_MODALITIES]), default="auto",
               show_default=True, help="Force a modality, or decide per series from the headers.")
-@click.option("--split", default=None, metavar="T:V:T",
-              help="Patients per train:validation:test, counts or fractions (config default 4:2:3).")
-@click.option("--split-csv", type=click.Path(exists=True, dir_okay=False),
-              help="CSV with columns patient,split (patient = DICOM PatientID; NIfTI: BIDS sub- folder, "
-                   "sidecar PatientID, case folder or file name) instead of --split.")
-@click.option("--seed", type=int, default=None, help="Seed of the patient split (config default 0).")
+@_split_options("patients", "patient", "DICOM PatientID; NIfTI: BIDS sub- folder, sidecar PatientID, "
+                "case folder or file name")
 @click.option("--runner", type=click.Choice(["local", "beam"]), default="local", show_default=True,
               help="local: this machine's cores; beam: an Apache Beam pipeline (needs tfgan-ct[beam]).")
 @click.option("--beam-options", default=None, metavar="'--opt=value ...'",
@@ -125,7 +141,7 @@ def convert(inputs, out, modality, split, split_csv, seed, runner, beam_options,
     slices; OUT/manifest.json describes the dataset, OUT/config.yaml holds the
     settings used and OUT/convert.log what happened.
     """
-    _split_options(cfg, split, seed)
+    _apply_split(cfg, split, seed)
     if runner == "beam":
         from tfgan_ct.data.beam_conversion import convert_with_beam
 
@@ -139,20 +155,13 @@ def convert(inputs, out, modality, split, split_csv, seed, runner, beam_options,
             raise click.UsageError("--beam-options needs --runner beam")
         summary = run(inputs, out, cfg, modality=modality, split_csv=split_csv, workers=workers,
                       overwrite=overwrite, progress=not no_progress)
-    n = sum(summary.records.values())
-    click.echo(f"wrote {n} record(s) from {sum(summary.slices.values())} slice(s) to {out} "
-               f"({len(summary.skipped)} file(s) skipped)")
+    _report_dataset(summary, out, "slice")
 
 
 @main.command("convert-images")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output dataset folder.")
-@click.option("--split", default=None, metavar="T:V:T",
-              help="Images per train:validation:test, counts or fractions (config default 4:2:3).")
-@click.option("--split-csv", type=click.Path(exists=True, dir_okay=False),
-              help="CSV with columns patient,split (patient = image path relative to its input "
-                   "folder, e.g. train/0001.png) instead of --split.")
-@click.option("--seed", type=int, default=None, help="Seed of the image split (config default 0).")
+@_split_options("images", "image", "image path relative to its input folder, e.g. train/0001.png")
 @_conversion_options
 @config_options
 def convert_images(inputs, out, split, split_csv, seed, workers, overwrite, no_progress, cfg):
@@ -165,12 +174,10 @@ def convert_images(inputs, out, split, split_csv, seed, workers, overwrite, no_p
     """
     from tfgan_ct.data.images import convert_images as run
 
-    _split_options(cfg, split, seed)
+    _apply_split(cfg, split, seed)
     summary = run(inputs, out, cfg, split_csv=split_csv, workers=workers, overwrite=overwrite,
                   progress=not no_progress)
-    n = sum(summary.records.values())
-    click.echo(f"wrote {n} record(s) from {sum(summary.slices.values())} image(s) to {out} "
-               f"({len(summary.skipped)} file(s) skipped)")
+    _report_dataset(summary, out, "image")
 
 
 @main.command()
