@@ -10,6 +10,7 @@ run leaves no (possibly identified) images behind for long.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -40,6 +41,15 @@ def default_mode(base: int) -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return base & ~mask
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

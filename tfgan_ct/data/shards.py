@@ -205,12 +205,6 @@ class ShardWriter:
             self._finish()
         return self.shards
 
-    def discard(self) -> None:
-        """Remove the open shard's temporary file (after a failure)."""
-        if self._file is not None:
-            self._file.discard()
-            self._file = None
-
     def _finish(self) -> None:
         self.shards.append(self._file.finish())
         self._file = None
@@ -257,15 +251,6 @@ class ShardFile:
 def shard_name(split: str, modality: str, index: int) -> str:
     """File name of shard number `index` (from 0) of one split and modality."""
     return f"{split}-{modality}-{index:05d}.tfrecord"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def framed(record: bytes) -> list[bytes]:

@@ -16,7 +16,6 @@ from tfgan_ct.version import __version__
 
 MODEL_CARD = "MODEL_CARD.md"
 NOT_RECORDED = "not recorded"
-_HASH_CHUNK = 1 << 20
 
 MODALITY_NAMES = {"ncct": "non-contrast CT (NCCT)", "ctp": "CT perfusion (CTP)", "cta": "CT angiography (CTA)"}
 
@@ -40,18 +39,10 @@ def _value(metadata: dict, key: str) -> str:
     return NOT_RECORDED if value is None or value == "" else str(value)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _weights_lines(export_dir: Path) -> list[str]:
     """One Markdown table row per SavedModel file (graph and variables): size and SHA-256 (16 hex digits)."""
     files = [export_dir / "saved_model.pb", *sorted((export_dir / "variables").glob("*"))]
-    rows = [f"| `{p.relative_to(export_dir).as_posix()}` | {p.stat().st_size:,} | `{_file_sha256(p)[:16]}` |"
+    rows = [f"| `{p.relative_to(export_dir).as_posix()}` | {p.stat().st_size:,} | `{fileio.file_sha256(p)[:16]}` |"
             for p in files if p.is_file()]
     if not rows:
         return ["No SavedModel files found beside this card."]
