@@ -131,3 +131,13 @@ def test_components_and_holes_equal_scipy_on_random_masks():
             # of equal sizes, the component scipy numbers first
             expected = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1 if count else mask
             np.testing.assert_array_equal(largest_component(mask), expected)
+
+
+def test_integer_hu_give_the_mask_of_the_same_float_hu():
+    """Whole-number HU as int16 (conversion's fast path) are thresholded like the same values as
+    float32, also with thresholds that are not whole numbers."""
+    hu, _ = synthetic_head()
+    hu = hu + np.random.default_rng(0).integers(-20, 20, hu.shape)
+    for hu_range in [(-15, 100), (4.5, 35.5), (-15.2, 99.9)]:
+        np.testing.assert_array_equal(brain_mask(hu.astype(np.int16), hu_range, MaskSettings()),
+                                      brain_mask(hu.astype(np.float32), hu_range, MaskSettings()))

@@ -71,7 +71,6 @@ def copy_real(source: Path, out: Path, patients: int, slices: int) -> None:
 def stage_costs(folder: Path, repeats: int) -> dict[str, float]:
     """CPU ms per slice of each step of a conversion of `folder`, timed one step at a time
     with the package's functions, on the split the conversion itself would make."""
-    import math
     import tempfile as tmp
 
     import numpy as np
@@ -101,7 +100,7 @@ def stage_costs(folder: Path, repeats: int) -> dict[str, float]:
 
     hu = [dicom_io.read_hu(f.path, [f.frame], oof, f.layout, whole=True)[0] for _, f in items]
     settings = [cfg.modalities.get(plan.modality) for plan, _ in items]
-    ranges = [(math.ceil(s.mask_hu[0]), math.floor(s.mask_hu[1])) for s in settings]
+    ranges = [s.mask_hu for s in settings]
     masks = [brain_mask(h, r, cfg.convert.mask) for h, r in zip(hu, ranges)]
     results = [prepare_slice(h, i, f.pixel_spacing, plan.modality, cfg) for i, (h, (plan, f)) in
                enumerate(zip(hu, items))]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,15 +275,8 @@ def prepare_slice(hu: np.ndarray, index: int, spacing, modality: str, cfg: Confi
     settings = cfg.modalities.get(modality)
     s = cfg.convert.scale
     hu = hu[: hu.shape[0] - hu.shape[0] % s, : hu.shape[1] - hu.shape[1] % s]
-    if hu.dtype == np.int16:
-        # For whole-number HU, "low <= HU <= high" is "ceil(low) <= HU <= floor(high)",
-        # compared without a float copy of the slice.
-        low, high = settings.mask_hu
-        mask = brain_mask(hu, (math.ceil(low), math.floor(high)), cfg.convert.mask)
-        hr = np.array(hu)
-    else:
-        mask = brain_mask(hu, settings.mask_hu, cfg.convert.mask)
-        hr = _rounded_int16(hu)
+    mask = brain_mask(hu, settings.mask_hu, cfg.convert.mask)
+    hr = np.array(hu) if hu.dtype == np.int16 else _rounded_int16(hu)
     # The same as rounding apply_mask(hu, mask, floor), with one float temporary less.
     np.copyto(hr, _rounded_int16(np.float32(settings.window.floor)), where=~mask)
     lr = resize.downscale(hr, s).astype(np.float32)

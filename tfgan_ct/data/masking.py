@@ -18,6 +18,7 @@ docs/benchmarks.md).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,9 +38,13 @@ def scaled_radius(radius: int, size: int) -> int:
 def brain_mask(hu: np.ndarray, hu_range: tuple[float, float], settings: MaskSettings) -> np.ndarray:
     """Mask (bool, H x W) of the brain in slice `hu` (HU, H x W).
 
-    Returns all-False when nothing in the slice falls in `hu_range`.
+    Returns all-False when nothing in the slice falls in `hu_range`. Integer HU (e.g. the
+    int16 slices of conversion) are compared with the whole numbers inside `hu_range`
+    (the same pixels), without a float copy of the slice.
     """
     low, high = hu_range
+    if np.issubdtype(hu.dtype, np.integer):
+        low, high = math.ceil(low), math.floor(high)
     full = (hu >= low) & (hu <= high)
     out = np.zeros(hu.shape, bool)
     box = _bounding_box(full)
