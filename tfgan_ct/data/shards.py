@@ -188,14 +188,15 @@ class ShardWriter:
 
     def write(self, record: bytes) -> None:
         """Append one serialised record, starting a new shard when the current one is full."""
-        self.write_framed(b"".join(framed(record)))
+        self.write_framed(*framed(record))
 
-    def write_framed(self, data) -> None:
-        """Append one record given in TFRecord framing (bytes or a memoryview of them)."""
+    def write_framed(self, *pieces) -> None:
+        """Append one record given in TFRecord framing (bytes or memoryviews: the whole framed
+        record, or the pieces `framed` gives)."""
         if self._file is None:
             self._file = ShardFile(self.folder / shard_name(self.split, self.modality, len(self.shards)),
                                    self.modality)
-        self._file.write(data)
+        self._file.write(*pieces)
         if self._file.count >= self.shard_size:
             self._finish()
 
@@ -226,10 +227,11 @@ class ShardFile:
             raise
         self._digest, self.count = hashlib.sha256(), 0
 
-    def write(self, data) -> None:
-        """Append one framed record (bytes or a memoryview)."""
-        self._digest.update(data)
-        self._f.write(data)
+    def write(self, *pieces) -> None:
+        """Append one framed record, in one or more pieces (bytes or memoryviews; no copy made)."""
+        for piece in pieces:
+            self._digest.update(piece)
+            self._f.write(piece)
         self.count += 1
 
     def finish(self) -> dict:
@@ -274,7 +276,7 @@ def write_shard(path: Path, modality: str, records: Iterable[bytes]) -> dict:
     shard = ShardFile(path, modality)
     try:
         for record in records:
-            shard.write(b"".join(framed(record)))
+            shard.write(*framed(record))
     except BaseException:
         shard.discard()
         raise
