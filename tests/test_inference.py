@@ -119,6 +119,8 @@ def test_auto_tile_runs_whole_images_that_fit_and_tiles_the_rest():
     assert inference.auto_tile(512, 512, budget=512 * 512 * per_pixel) == 0
     tile = inference.auto_tile(512, 512, budget=300 * 300 * per_pixel)
     assert tile in inference.AUTO_TILES and (tile + 32) ** 2 * per_pixel <= 300 * 300 * per_pixel
+    assert 4 * (tile + 32) ** 2 * per_pixel <= 300 * 300 * per_pixel  # the 4 tiles run together fit
+    assert inference.auto_tile(512, 512, budget=300 * 300 * per_pixel, pad=16, batch=1) > tile
     assert inference.auto_tile(4096, 4096, budget=1) == inference.AUTO_TILES[-1]
     assert inference.auto_tile(64, 64) == 0          # a small slice is never tiled on this machine
     lr = np.random.default_rng(1).random((24, 20), np.float32)

@@ -197,16 +197,18 @@ def available_memory() -> int | None:
     return None
 
 
-def auto_tile(height: int, width: int, budget: int | None = None) -> int:
+def auto_tile(height: int, width: int, budget: int | None = None, pad: int = 16, batch: int = 4) -> int:
     """The tile `tile=None` uses for an LR image of height x width: 0 (whole) when its estimated
     memory (BYTES_PER_LR_PIXEL each) fits in `budget` bytes (default: half of the memory available
-    now; 4 GiB where that is unknown), else the largest of AUTO_TILES that fits (at least 64)."""
+    now; 4 GiB where that is unknown), else the largest of AUTO_TILES whose `batch` tiles, each with
+    `pad` pixels of context on every side (`upscale_image` runs them together), fit (at least 64)."""
     if budget is None:
         free = available_memory()
         budget = free // 2 if free else 4 << 30
     if height * width * BYTES_PER_LR_PIXEL <= budget:
         return 0
-    return next((t for t in AUTO_TILES if (t + 32) ** 2 * BYTES_PER_LR_PIXEL <= budget), AUTO_TILES[-1])
+    per_call = max(batch, 1) * BYTES_PER_LR_PIXEL
+    return next((t for t in AUTO_TILES if (t + 2 * pad) ** 2 * per_call <= budget), AUTO_TILES[-1])
 
 
 def upscale_image(method: Method, lr: np.ndarray, tile: int | None = 0, pad: int = 16,
@@ -228,7 +230,7 @@ def upscale_image(method: Method, lr: np.ndarray, tile: int | None = 0, pad: int
         raise ValueError(f"expected one [h, w] image, got shape {lr.shape}")
     s = method.scale
     if tile is None:
-        tile = auto_tile(*lr.shape) if method.name != BICUBIC else 0
+        tile = auto_tile(*lr.shape, pad=pad, batch=batch) if method.name != BICUBIC else 0
     if tile <= 0 or (lr.shape[0] <= tile and lr.shape[1] <= tile):
         return method.predict(lr[None, :, :, None])[0, :, :, 0]
     out = np.empty((lr.shape[0] * s, lr.shape[1] * s), np.float32)
