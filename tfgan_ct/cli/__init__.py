@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tfgan_ct.cli.options import TILE, config_options
+from tfgan_ct.cli.options import AUTO_TILE_OPTION, TILE_PAD_OPTION, config_options
 from tfgan_ct.stages import CT_MODALITIES, NATURAL, STAGES
 from tfgan_ct.version import __version__
 
@@ -249,8 +249,6 @@ _MODELS_DIR = click.option("--models-dir", default="saved_models", show_default=
                            type=click.Path(file_okay=False), help="Where stage exports are read.")
 _TILE = click.option("--tile", type=click.IntRange(min=0), default=0, show_default=True,
                      help="LR tile size for tiled inference (0: whole image at once).")
-_TILE_PAD = click.option("--tile-pad", type=click.IntRange(min=0), default=16, show_default=True,
-                         help="LR pixels of context around each tile.")
 _SPLIT = click.option("--split", type=click.Choice(["test", "validation"]), default="test",
                       show_default=True, help="Which slices of the dataset to use.")
 _METHODS = click.argument("methods", nargs=-1, required=True)
@@ -276,7 +274,7 @@ _MODALITY = click.option("--modality", type=click.Choice([*CT_MODALITIES, NATURA
 @_SPLIT
 @_MODELS_DIR
 @_TILE
-@_TILE_PAD
+@TILE_PAD_OPTION
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--no-card", is_flag=True, help="Do not write the table into the evaluated exports' MODEL_CARD.md.")
 @config_options
@@ -324,7 +322,7 @@ def evaluate(methods, data_dir, out, baseline, alpha, limit, server, modality, s
 @_SPLIT
 @_MODELS_DIR
 @_TILE
-@_TILE_PAD
+@TILE_PAD_OPTION
 @config_options
 def compare(methods, data_dir, out, indices, count, roi, panel, modality, split, models_dir, tile, tile_pad,
             cfg):
@@ -367,10 +365,8 @@ def compare(methods, data_dir, out, indices, count, roi, panel, modality, split,
 @click.option("--outside-window", type=click.Choice(["bicubic", "clip"]), default="bicubic",
               show_default=True, help="Pixels outside the window: bicubic HU, or the model clipped.")
 @_MODELS_DIR
-@click.option("--tile", type=TILE, default="auto", show_default=True,
-              help="LR tile size, bounding memory (0: whole image; auto: whole when it fits in half the "
-                   "free memory, else the largest tile that does).")
-@_TILE_PAD
+@AUTO_TILE_OPTION
+@TILE_PAD_OPTION
 @click.option("--overwrite", is_flag=True,
               help="Replace series folders this command wrote (never one holding an input or other files).")
 @click.option("--uncertainty", is_flag=True,

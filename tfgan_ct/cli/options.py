@@ -41,3 +41,12 @@ class TileType(click.ParamType):
 
 
 TILE = TileType()
+
+
+# --tile and --tile-pad of the commands that upscale images for output (upscale, pacs).
+AUTO_TILE_OPTION = click.option(
+    "--tile", type=TILE, default="auto", show_default=True,
+    help="LR tile size, bounding memory (0: whole image; auto: whole when it fits in half the "
+         "free memory, else the largest tile that does).")
+TILE_PAD_OPTION = click.option("--tile-pad", type=click.IntRange(min=0), default=16, show_default=True,
+                               help="LR pixels of context around each tile.")

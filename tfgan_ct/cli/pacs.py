@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from tfgan_ct.cli.options import TILE, config_options
+from tfgan_ct.cli.options import AUTO_TILE_OPTION, TILE_PAD_OPTION, config_options
 from tfgan_ct.stages import CT_MODALITIES
 
 
@@ -51,11 +51,8 @@ def _date(ctx, param, value: str | None) -> dt.date | None:
 @click.option("--dry-run", is_flag=True, help="List what would be done; retrieve and store nothing.")
 @click.option("--out", default="pacs-work", show_default=True, type=click.Path(file_okay=False),
               help="Folder for pacs.log, pacs_report.json and the temporary images of the series in work.")
-@click.option("--tile", type=TILE, default="auto", show_default=True,
-              help="LR tile size, bounding memory (0: whole image; auto: whole when it fits in half the "
-                   "free memory, else the largest tile that does).")
-@click.option("--tile-pad", type=click.IntRange(min=0), default=16, show_default=True,
-              help="LR pixels of context around each tile.")
+@AUTO_TILE_OPTION
+@TILE_PAD_OPTION
 @click.option("--timeout", type=click.FloatRange(min=1), default=60, show_default=True,
               help="Seconds per DICOMweb request.")
 @config_options
